@@ -78,7 +78,7 @@ def convert(
     """Convert between the native format and PEFT's SHiRA format."""
     from shira_core.errors import ShiraError
 
-    from .reports import convert_adapter
+    from .convert import convert_adapter
 
     if to not in ("native", "peft"):
         _fail(f"--to must be native or peft, not {to!r}")

@@ -1,0 +1,58 @@
+"""All service settings in one place: environment variables with prefix SHIRA_, or a .env file."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PLACEHOLDER_TOKENS = {"changeme", "change-me", "secret", "admin", "token", "password"}
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SHIRA_", env_file=".env", extra="ignore")
+
+    environment: Literal["development", "production", "test"] = "development"
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    base_model: str = Field("bundled:smollm2-135m-instruct", description="Path, .gguf file or hub id.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+    redis_url: str | None = Field(None, description="Unset: start an embedded Redis-compatible server.")
+    data_dir: Path = Field(Path("data"), description="Embedded registry persistence lives here.")
+    namespace: str = "shira"
+
+    admin_token: str | None = None
+    read_token: str | None = None
+
+    cache_bytes: int = Field(512 * 2**20, description="Byte budget of decoded adapters and switch plans.")
+    max_upload_bytes: int = 512 * 2**20
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    default_max_new_tokens: int = 64
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_adapters_per_request: int = 8
+    max_groups_waited: int = Field(4, description="A request never waits behind more than this many other groups.")
+    batch_wait_ms: float = Field(2.0, description="How long the scheduler lets a batch fill before running it.")
+
+    @field_validator("admin_token", "read_token")
+    @classmethod
+    def _no_placeholder(cls, value: str | None, info) -> str | None:
+        if value is not None and value.strip().lower() in PLACEHOLDER_TOKENS:
+            raise ValueError(f"{info.field_name} is a placeholder ({value!r}); set a real secret")
+        if value is not None and len(value) < 16:
+            raise ValueError(f"{info.field_name} must be at least 16 characters")
+        return value
+
+    def ensure_admin_token(self) -> tuple[str, bool]:
+        """Returns (token, generated). Without SHIRA_ADMIN_TOKEN a random one is made, never an open door."""
+        if self.admin_token:
+            return self.admin_token, False
+        self.admin_token = secrets.token_urlsafe(24)
+        return self.admin_token, True

@@ -1,0 +1,56 @@
+"""Every error a client can cause, each with its HTTP status. Handlers in service/main.py map them."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """Base class: `status` is the HTTP status, the message says what to change."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidRequestError(ServiceError):
+    status, code = 400, "invalid_request"
+
+
+class InvalidAdapterError(ServiceError):
+    """An uploaded adapter is malformed or does not fit the base model."""
+
+    status, code = 422, "invalid_adapter"
+
+
+class MalformedUploadError(ServiceError):
+    status, code = 400, "malformed_upload"
+
+
+class AdapterNotFoundError(ServiceError):
+    status, code = 404, "adapter_not_found"
+
+
+class AdapterConflictError(ServiceError):
+    status, code = 409, "adapter_conflict"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class UnauthorizedError(ServiceError):
+    status, code = 401, "unauthorized"
+
+
+class ForbiddenError(ServiceError):
+    status, code = 403, "forbidden"
+
+
+class QueueFullError(ServiceError):
+    status, code = 503, "queue_full"
+
+
+class RegistryUnavailableError(ServiceError):
+    status, code = 503, "registry_unavailable"

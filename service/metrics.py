@@ -1,0 +1,27 @@
+"""Prometheus metrics, defined once per process. Names carry their units."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+SWITCH_SECONDS = Histogram(
+    "shira_switch_seconds",
+    "Time to switch the active adapter set, by kind (apply, transition, revert).",
+    ["kind"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)
+CACHE_BYTES = Gauge("shira_adapter_cache_bytes", "Bytes of decoded adapters and switch plans held in memory.")
+CACHE_HITS = Counter("shira_adapter_cache_hits_total", "Adapter cache hits.")
+CACHE_MISSES = Counter("shira_adapter_cache_misses_total", "Adapter cache misses (loads from the registry).")
+CACHE_EVICTIONS = Counter("shira_adapter_cache_evictions_total", "Adapters evicted from the cache (LRU).")
+RESIDENT_BYTES = Gauge("shira_process_resident_memory_bytes", "Resident memory of the server process.")
+GPU_ALLOCATED_BYTES = Gauge("shira_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.")
+GPU_RESERVED_BYTES = Gauge("shira_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator.")
+SWITCHER_BYTES = Gauge("shira_switcher_bytes", "Switcher memory by part (saved originals, index buffers, ...).", ["part"])
+REQUESTS = Counter("shira_requests_total", "Generation requests by adapter set and HTTP status.", ["adapter", "status"])
+QUEUE_SECONDS = Histogram("shira_queue_seconds", "Time a request waited before its batch started.")
+GENERATE_SECONDS = Histogram("shira_generate_seconds", "Time spent generating for one batch.")
+GENERATED_TOKENS = Counter("shira_generated_tokens_total", "Tokens generated.")
+BATCH_SIZE = Histogram("shira_batch_size", "Requests per generation batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
+QUEUE_DEPTH = Gauge("shira_queue_depth", "Requests waiting for a batch.")
+ACTIVE_ADAPTER = Info("shira_active_adapter", "The adapter set currently applied to the base weights.")
