@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -24,8 +24,8 @@ def _fail(message: str) -> None:
 
 @app.command()
 def serve(
-    host: Annotated[Optional[str], typer.Option(help="Bind address (default from SHIRA_HOST or 127.0.0.1).")] = None,
-    port: Annotated[Optional[int], typer.Option(help="Port (default from SHIRA_PORT or 8000).")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default from SHIRA_HOST or 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default from SHIRA_PORT or 8000).")] = None,
 ) -> None:
     """Start the adapter server (FastAPI + uvicorn) with the configured base model and registry."""
     from service.main import run
@@ -72,8 +72,8 @@ def convert(
     source: Annotated[Path, typer.Argument(help="Native .safetensors file or PEFT SHiRA adapter directory.")],
     dest: Annotated[Path, typer.Argument(help="Output: a directory for --to peft, a .safetensors file for --to native.")],
     to: Annotated[str, typer.Option(help="Target format: native or peft.")] = "native",
-    name: Annotated[Optional[str], typer.Option(help="Adapter name to record.")] = None,
-    base: Annotated[Optional[str], typer.Option(help="Base model to validate against and fingerprint (optional).")] = None,
+    name: Annotated[str | None, typer.Option(help="Adapter name to record.")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model to validate against and fingerprint (optional).")] = None,
 ) -> None:
     """Convert between the native format and PEFT's SHiRA format."""
     from shira_core.errors import ShiraError
@@ -92,7 +92,7 @@ def convert(
 def bench_switch(
     density: Annotated[float, typer.Option(help="Fraction of each linear weight the adapter touches.")] = 0.01,
     repeats: Annotated[int, typer.Option(help="Timed runs per method; the median is reported.")] = 15,
-    model: Annotated[Optional[str], typer.Option(help="Base model (default: bundled SmolLM2-135M-Instruct).")] = None,
+    model: Annotated[str | None, typer.Option(help="Base model (default: bundled SmolLM2-135M-Instruct).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Apply/revert and transition vs raw LoRA fuse/unfuse, PEFT SHiRA merge/unmerge and the scatter bound."""
