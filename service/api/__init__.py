@@ -1,0 +1,1 @@
+"""The HTTP API: routers in routes/, exception handlers, middleware and request helpers."""

@@ -1,0 +1,65 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ...deps import EngineDep, ReaderDep, RegistryDep
+from ...errors import ServiceError
+from ...metrics import GPU_ALLOCATED_BYTES, GPU_RESERVED_BYTES, RESIDENT_BYTES, SWITCHER_BYTES
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    """Liveness: the process answers. Needs no token."""
+    return {"status": "ok"}
+
+
+def _registry_ok(registry: Any) -> bool:
+    try:
+        return bool(registry.ping())
+    except (ServiceError, OSError):
+        return False
+
+
+@router.get("/ready", responses={503: {"description": "Model not loaded or registry unreachable."}})
+async def ready(engine: EngineDep, registry: RegistryDep) -> JSONResponse:
+    """Readiness: the model is loaded and the registry answers; 503 otherwise. Needs no token."""
+    model_ok = bool(engine is not None and engine.ready())
+    registry_ok = registry is not None and await asyncio.to_thread(_registry_ok, registry)
+    ok = model_ok and registry_ok
+    body = {"status": "ready" if ok else "not_ready", "model": model_ok, "registry": registry_ok}
+    return JSONResponse(body, status_code=200 if ok else 503)
+
+
+def _update_memory_gauges(engine: Any) -> None:
+    RESIDENT_BYTES.set(psutil.Process().memory_info().rss)
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            GPU_ALLOCATED_BYTES.set(torch.cuda.memory_allocated())
+            GPU_RESERVED_BYTES.set(torch.cuda.memory_reserved())
+    except ImportError:
+        pass
+    status = engine.status() if engine is not None else {}
+    memory = status.get("switcher_memory") or status.get("switcher") or {}
+    if isinstance(memory, dict):
+        for part, value in memory.items():
+            if isinstance(value, int | float):
+                SWITCHER_BYTES.labels(part=str(part)).set(value)
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(_: ReaderDep, engine: EngineDep) -> Response:
+    """Prometheus text format; memory gauges are refreshed on each scrape."""
+    _update_memory_gauges(engine)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
