@@ -102,7 +102,9 @@ def sampling(
     stop: str | list[str] | None, field: str = "max_new_tokens",
 ) -> SamplingParams:
     """SamplingParams within the server's limits; over the max_new_tokens limit is a 422 like any bad field."""
-    wanted = settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
+    if max_new_tokens is None:  # a default above the limit is the operator's slip, not the client's
+        max_new_tokens = min(settings.default_max_new_tokens, settings.max_new_tokens)
+    wanted = max_new_tokens
     if wanted > settings.max_new_tokens:
         raise RequestValidationError([{
             "loc": ("body", field), "type": "less_than_equal",
