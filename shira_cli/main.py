@@ -101,6 +101,23 @@ def bench_switch(
     run_switch_bench(density=density, repeats=repeats, model=model, as_json=json_out)
 
 
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[str | None, typer.Option(help="Target a running server instead of starting one.")] = None,
+    admin_token: Annotated[str | None, typer.Option(help="Admin token of --url (to upload the adapters).")] = None,
+    redis_url: Annotated[str | None, typer.Option(help="Redis for the started server (default: embedded).")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds over all workloads; medians are reported.")] = 3,
+    requests: Annotated[int, typer.Option(help="Requests per client per round.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
+    density: Annotated[float, typer.Option(help="Density of the 8 random adapters.")] = 0.01,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Tokens/s and p50/p99 for 8 clients on one adapter, 8 adapters under Zipf traffic, and the base model."""
+    from .bench_serve import run_serve_bench
+
+    run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out)
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,203 @@
+"""`shira bench serve`: throughput and latency of a live server on loopback, side by side in one run.
+
+Workloads (closed loop: each client sends its next request when the previous one returns):
+  base      8 clients, no adapter
+  single    8 clients, all on one adapter
+  mixed     8 clients, 8 adapters drawn from a Zipf distribution
+  one       1 client on one adapter (the scaling reference)
+Rounds interleave the workloads so machine noise hits each alike; figures are medians over rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import typer
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a bicycle works to a child.",
+    "List some tips for learning a new language.",
+    "Describe a walk through a forest in autumn.",
+    "What makes a good cup of tea? Explain in detail.",
+    "Write a letter to a friend about your holiday.",
+    "Describe the water cycle step by step.",
+    "Give advice to someone starting to run.",
+]
+
+
+@dataclass
+class Workload:
+    name: str
+    clients: int
+    adapters: list[str]  # empty: base model
+    zipf: bool = False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_server(port: int, token: str, redis_url: str | None, extra_env: dict[str, str]) -> subprocess.Popen:
+    """Starts `shira serve` in a subprocess and waits until /ready answers 200."""
+    env = dict(os.environ, SHIRA_ADMIN_TOKEN=token, SHIRA_NAMESPACE=f"bench-{secrets.token_hex(4)}", **extra_env)
+    if redis_url:
+        env["SHIRA_REDIS_URL"] = redis_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "shira_cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    proc.kill()
+    raise RuntimeError("server did not become ready within 300 s")
+
+
+def upload_random_adapters(url: str, token: str, count: int, density: float) -> list[str]:
+    """Builds rand-mask adapters for the server's base model and uploads them."""
+    from shira_core.fingerprint import BaseFingerprint
+    from shira_core.io import adapter_to_bytes
+    from shira_core.models import linear_weight_names, load_base
+
+    from .bench_switch import random_adapter
+
+    model, _, _ = load_base(None, device="cpu", dtype="float32")
+    names = linear_weight_names(model)
+    fingerprint = BaseFingerprint.of(model)
+    uploaded = []
+    for k in range(count):
+        adapter = random_adapter(model, names, density, seed=100 + k, name=f"bench-{k}")
+        adapter.base_fingerprint = fingerprint.to_dict(names)
+        resp = httpx.post(
+            f"{url}/adapters", headers={"Authorization": f"Bearer {token}"},
+            data={"name": adapter.name}, files={"file": ("a.safetensors", adapter_to_bytes(adapter))}, timeout=120,
+        )
+        resp.raise_for_status()
+        uploaded.append(adapter.name)
+    del model
+    return uploaded
+
+
+def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tokens: int, seed: int) -> dict:
+    """Runs one closed-loop workload; returns tokens/s and latency percentiles."""
+    latencies: list[float] = []
+    tokens = [0]
+    errors: list[str] = []
+    lock = threading.Lock()
+    weights = [1.0 / (k + 1) for k in range(len(work.adapters))]
+
+    def client(cid: int) -> None:
+        rng = random.Random(seed * 1000 + cid)
+        with httpx.Client(base_url=url, timeout=600) as http:
+            for i in range(requests_per_client):
+                params = {}
+                if work.adapters:
+                    params["adapter"] = rng.choices(work.adapters, weights)[0] if work.zipf else work.adapters[0]
+                body = {"prompt": PROMPTS[(cid + i) % len(PROMPTS)], "max_new_tokens": max_new_tokens}
+                start = time.perf_counter()
+                resp = http.post("/generate", params=params, json=body)
+                elapsed = time.perf_counter() - start
+                with lock:
+                    if resp.status_code != 200:
+                        errors.append(f"{resp.status_code} {resp.text[:200]}")
+                        continue
+                    latencies.append(elapsed)
+                    tokens[0] += resp.json()["completion_tokens"]
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(work.clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{work.name}: {len(errors)} failed requests, first: {errors[0]}")
+    lat = sorted(latencies)
+    return {
+        "tokens_per_s": tokens[0] / wall,
+        "p50_ms": 1e3 * lat[len(lat) // 2],
+        "p99_ms": 1e3 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "tokens": tokens[0],
+    }
+
+
+def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int, max_new_tokens: int) -> dict:
+    workloads = [
+        Workload("base", 8, []),
+        Workload("single", 8, adapters[:1]),
+        Workload("mixed", 8, adapters, zipf=True),
+        Workload("one", 1, adapters[:1]),
+    ]
+    run_workload(url, workloads[1], 1, 8, seed=0)  # warm-up: first load of the adapter, first batch
+    samples: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    for r in range(rounds):
+        for work in workloads:
+            n = requests_per_client * (2 if work.clients == 1 else 1)
+            samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
+            typer.echo(f"round {r + 1}/{rounds} {work.name}: {samples[work.name][-1]['tokens_per_s']:.1f} tok/s", err=True)
+    out: dict[str, float] = {}
+    for name, runs in samples.items():
+        for key in ("tokens_per_s", "p50_ms", "p99_ms"):
+            out[f"{name}_{key}"] = round(statistics.median(r[key] for r in runs), 2)
+    out["mixed_vs_single"] = round(out["mixed_tokens_per_s"] / out["single_tokens_per_s"], 3)
+    out["single_vs_base"] = round(out["single_tokens_per_s"] / out["base_tokens_per_s"], 3)
+    out["eight_vs_one_client"] = round(out["single_tokens_per_s"] / out["one_tokens_per_s"], 3)
+    return out
+
+
+def _report(result: dict) -> str:
+    lines = [f"{'workload':10s} {'tok/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}"]
+    for name in ("base", "single", "mixed", "one"):
+        lines.append(f"{name:10s} {result[f'{name}_tokens_per_s']:8.1f} {result[f'{name}_p50_ms']:9.0f} "
+                     f"{result[f'{name}_p99_ms']:9.0f}")
+    checks = [("mixed / single >= 0.85", result["mixed_vs_single"], 0.85),
+              ("single / base >= 0.97", result["single_vs_base"], 0.97),
+              ("8 clients / 1 client >= 3", result["eight_vs_one_client"], 3.0)]
+    lines.append("")
+    lines += [f"[{'ok' if value >= target else 'MISS'}] {label}: {value:.3f}" for label, value, target in checks]
+    return "\n".join(lines)
+
+
+def run_serve_bench(url: str | None, token: str | None, redis_url: str | None, rounds: int, requests: int,
+                    max_new_tokens: int, density: float, as_json: bool) -> None:
+    """Entry point of `shira bench serve`: starts a server unless --url is given, uploads 8 adapters, measures."""
+    proc = None
+    if url is None:
+        token = token or secrets.token_urlsafe(24)
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        typer.echo(f"starting a server on {url} ...", err=True)
+        proc = start_server(port, token, redis_url, {})
+    elif not token:
+        raise typer.BadParameter("--admin-token is needed with --url (to upload the benchmark adapters)")
+    try:
+        adapters = upload_random_adapters(url, token, 8, density)
+        result = measure(url, adapters, rounds, requests, max_new_tokens)
+        result.update(rounds=rounds, requests_per_client=requests, max_new_tokens=max_new_tokens, density=density)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    typer.echo(json.dumps(result) if as_json else _report(result))
