@@ -88,6 +88,72 @@ def convert(
         _fail(str(e))
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option(help="Training JSONL: prompt/completion or chat messages per line.")],
+    out: Annotated[Path, typer.Option(help="Where to write the native adapter (.safetensors).")],
+    base: Annotated[str | None, typer.Option(help="Base model (default: bundled SmolLM2-135M-Instruct).")] = None,
+    eval_data: Annotated[Path | None, typer.Option("--eval", help="Held-out JSONL, evaluated every epoch.")] = None,
+    mask: Annotated[str, typer.Option(help="Mask: wm, snip, grad, rand or struct.")] = "wm",
+    density: Annotated[float, typer.Option(help="Fraction of each linear weight to train.")] = 0.01,
+    epochs: Annotated[int, typer.Option(help="Passes over the training data.")] = 1,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate (no weight decay).")] = 5e-4,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    max_len: Annotated[int, typer.Option(help="Max tokens per example (the prompt's start is cut first).")] = 256,
+    method: Annotated[str, typer.Option(help="sparse (only nnz values trained) or gradmask (masked gradients).")]
+    = "sparse",
+    seed: Annotated[int, typer.Option(help="Seeds the mask, the data order and torch.")] = 0,
+    calib_batches: Annotated[int, typer.Option(help="Calibration batches for the grad and snip masks.")] = 8,
+    eval_limit: Annotated[int, typer.Option(help="Evaluate on at most this many examples (0: all).")] = 64,
+    eval_before: Annotated[bool, typer.Option(help="Also evaluate the base model before training.")] = False,
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    name: Annotated[str | None, typer.Option(help="Adapter name (default: the --out file name).")] = None,
+    export_peft: Annotated[Path | None, typer.Option(help="Also write a PEFT SHiRA adapter directory here.")] = None,
+    progress: Annotated[bool, typer.Option(help="Show the progress bar.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON summary (logs go to stderr).")] = False,
+) -> None:
+    """Train a SHiRA adapter on JSONL data, evaluating loss and exact-match accuracy per epoch."""
+    from shira_core.errors import ShiraError
+    from shira_core.training import TrainConfig
+
+    from .train import print_summary, run_train
+
+    config = TrainConfig(method=method, mask=mask, density=density, epochs=epochs, lr=lr, batch_size=batch_size,
+                         max_len=max_len, seed=seed, calib_batches=calib_batches, eval_limit=eval_limit,
+                         eval_before=eval_before, max_steps=max_steps)
+    try:
+        summary = run_train(base=base, data=data, eval_path=eval_data, out=out, export_peft=export_peft,
+                            config=config, device=device, dtype=dtype, name=name, progress=progress,
+                            as_json=json_out)
+    except (ShiraError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    print_summary(summary, json_out)
+
+
+@app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option(help="Folder for train.jsonl and eval.jsonl (one subfolder per task for all).")],
+    task: Annotated[str, typer.Option(help="kv2json, sentiment, capitals or all.")] = "all",
+    seed: Annotated[int, typer.Option(help="Generator seed; the same seed writes the same files.")] = 0,
+    n_train: Annotated[int | None, typer.Option("--train", help="Training examples (default per task).")] = None,
+    n_eval: Annotated[int | None, typer.Option("--eval", help="Held-out examples (default per task).")] = None,
+) -> None:
+    """Write the bundled demo tasks (no downloads) as JSONL for `shira train`."""
+    from shira_core.demo_data import TASKS
+
+    from .train import write_demo_data
+
+    if task != "all" and task not in TASKS:
+        _fail(f"unknown task {task!r}; use one of {', '.join(TASKS)} or all")
+    try:
+        for path in write_demo_data(task, out, seed=seed, n_train=n_train, n_eval=n_eval):
+            typer.echo(path)
+    except ValueError as e:
+        _fail(str(e))
+
+
 @bench_app.command("switch")
 def bench_switch(
     density: Annotated[float, typer.Option(help="Fraction of each linear weight the adapter touches.")] = 0.01,
