@@ -1,0 +1,338 @@
+"""PEFT's SHiRA format: a directory holding adapter_config.json and adapter_model.safetensors (never pickles).
+
+PEFT stores, per adapted nn.Linear ``<module>``, the tensors ``base_model.model.<module>.shira_indices``
+(int32, shape [2, n], (row, col) pairs in any order) and ``base_model.model.<module>.shira_weight`` (float,
+shape [n], one value per pair). Its delta is ``scaling * weight`` at those pairs; ``scaling`` is not saved and
+is 1.0 on load. Duplicate pairs add (PEFT builds an uncoalesced sparse COO tensor), so the importer sums them.
+
+Two PEFT constraints shape the exporter:
+- every layer holds exactly ``r * (in + out)`` entries, with one ``r`` for the whole adapter (ShiraConfig has
+  no rank_pattern); a checkpoint with another count fails PeftModel.from_pretrained with a size mismatch.
+  So the exporter picks the smallest r that fits every layer and pads each layer with zero-valued entries
+  at positions it does not touch: zeros change nothing, so PEFT computes the same weights.
+- PEFT does not record weight shapes, so importing a file PEFT wrote needs the base model's fingerprint.
+  Files written here also carry the shapes, name, mask and fingerprint in the safetensors header under
+  ``shira`` (PEFT ignores header metadata), and the real entry counts, so re-import drops the padding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+
+from .delta import SparseAdapter, SparseDelta
+from .errors import (
+    AdapterFormatError,
+    IndexRangeError,
+    LengthMismatchError,
+    ShapeMismatchError,
+    UnknownLayerError,
+)
+from .fingerprint import BaseFingerprint
+from .io import load_tensors, read_safetensors_header
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+INDEX_KEY = ".shira_indices"
+WEIGHT_KEY = ".shira_weight"
+META_KEY = "shira"
+
+
+def _config(config_json: bytes) -> dict[str, Any]:
+    try:
+        config = json.loads(config_json)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterFormatError(f"{CONFIG_FILE} is not JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    if config.get("peft_type") != "SHIRA":
+        raise AdapterFormatError(
+            f"{CONFIG_FILE} has peft_type {config.get('peft_type')!r}; only SHIRA adapters can be imported "
+            "(other PEFT methods such as LoRA are not sparse deltas)"
+        )
+    r = config.get("r")
+    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        raise AdapterFormatError(f"{CONFIG_FILE} must give r as a positive integer, got {r!r}")
+    if config.get("fan_in_fan_out"):
+        raise AdapterFormatError(
+            f"{CONFIG_FILE} sets fan_in_fan_out=true: PEFT SHiRA only adapts nn.Linear weights stored as "
+            "[out, in] (it resets this flag to false), so a file carrying true was not made for them; "
+            "set it to false if the indices are (row, col) of the [out, in] weight"
+        )
+    return config
+
+
+def _header_info(safetensors: bytes) -> dict[str, Any]:
+    meta = read_safetensors_header(safetensors).get("__metadata__") or {}
+    if META_KEY not in meta:
+        return {}
+    try:
+        info = json.loads(meta[META_KEY])
+        info["shapes"] = {str(k): tuple(int(s) for s in v) for k, v in info["shapes"].items()}
+        info["nnz"] = {str(k): int(v) for k, v in (info.get("nnz") or {}).items()}
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise AdapterFormatError(f"safetensors header field {META_KEY!r} is malformed: {e}") from e
+    return info
+
+
+def peft_records_shapes(safetensors: bytes) -> bool:
+    """True when the file carries weight shapes (written by save_peft_adapter), so no base model is needed."""
+    return bool(_header_info(safetensors).get("shapes"))
+
+
+def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """module name (without PEFT's prefix) -> (indices [2, n], weights [n])."""
+    found: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in (INDEX_KEY, WEIGHT_KEY) if key.endswith(s)), None)
+        if suffix is None:
+            raise AdapterFormatError(
+                f"{WEIGHTS_FILE} holds {key}, which is not a SHiRA tensor (modules_to_save or another "
+                f"method?); only *{INDEX_KEY} and *{WEIGHT_KEY} can be imported"
+            )
+        module = key[: -len(suffix)].removeprefix(PREFIX)
+        found.setdefault(module, {})[suffix] = tensor
+    out = {}
+    for module, parts in sorted(found.items()):
+        missing = [s.lstrip(".") for s in (INDEX_KEY, WEIGHT_KEY) if s not in parts]
+        if missing:
+            raise AdapterFormatError(f"{WEIGHTS_FILE} has no {missing[0]} for module {module}")
+        out[module] = (parts[INDEX_KEY], parts[WEIGHT_KEY])
+    if not out:
+        raise AdapterFormatError(f"{WEIGHTS_FILE} holds no SHiRA tensors")
+    return out
+
+
+def _delta(layer: str, shape: tuple[int, ...], idx: torch.Tensor, w: torch.Tensor, r: int, keep: int | None,
+           adapter: str) -> SparseDelta:
+    """Checks one PEFT layer against its weight shape and turns it into sorted flat indices and values."""
+    where = f"for layer {layer} of adapter {adapter!r}"
+    if idx.dim() != 2 or idx.shape[0] != 2:
+        raise AdapterFormatError(f"shira_indices must be [2, n] (row, col pairs), not {list(idx.shape)} {where}")
+    if w.dim() != 1 or not w.dtype.is_floating_point:
+        raise AdapterFormatError(f"shira_weight must be 1-D float, got {w.dtype} {list(w.shape)} {where}")
+    if idx.shape[1] != w.numel():
+        raise LengthMismatchError(f"indices and weights differ: {idx.shape[1]:,} vs {w.numel():,} {where}")
+    if len(shape) != 2:
+        raise ShapeMismatchError(f"PEFT SHiRA adapts 2-D nn.Linear weights, not shape {list(shape)} {where}")
+    out_f, in_f = shape
+    if w.numel() != r * (in_f + out_f):
+        raise ShapeMismatchError(
+            f"{w.numel():,} entries, but PEFT gives a [{out_f}, {in_f}] weight r*(in+out) = "
+            f"{r}*{in_f + out_f} = {r * (in_f + out_f):,} {where}: the adapter was made for a weight of "
+            "another shape, or r is wrong"
+        )
+    if idx.dtype.is_floating_point:  # PEFT saves indices as float32 on Windows
+        if not bool((idx == idx.round()).all()):
+            raise AdapterFormatError(f"shira_indices holds non-integer values {where}")
+    elif idx.dtype in (torch.bool, torch.uint8) or idx.dtype.is_complex:
+        raise AdapterFormatError(f"shira_indices must be integers, got {idx.dtype} {where}")
+    rows, cols = idx[0].to(torch.int64), idx[1].to(torch.int64)
+    for axis, vec, size in (("row", rows, out_f), ("column", cols, in_f)):
+        if vec.numel() and (int(vec.min()) < 0 or int(vec.max()) >= size):
+            raise IndexRangeError(
+                f"{axis} index out of range: [{int(vec.min()):,}, {int(vec.max()):,}] but the weight of "
+                f"shape {list(shape)} has {size:,} {axis}s {where}"
+            )
+    if keep is not None and keep <= w.numel() and not bool(w[keep:].any()):
+        rows, cols, w = rows[:keep], cols[:keep], w[:keep]  # padding written by save_peft_adapter
+    flat = rows * in_f + cols
+    order = torch.argsort(flat, stable=True)
+    flat, w = flat[order], w[order]
+    uniq, inverse = torch.unique_consecutive(flat, return_inverse=True)
+    if uniq.numel() != flat.numel():  # PEFT adds duplicate pairs; do the same
+        w = torch.zeros(uniq.numel(), dtype=w.dtype).index_add_(0, inverse, w)
+    return SparseDelta(layer, shape, uniq, w.clone())
+
+
+def peft_from_bytes(
+    config_json: bytes, safetensors: bytes, base: BaseFingerprint | None = None, name: str | None = None
+) -> SparseAdapter:
+    """Parses and validates a PEFT SHiRA adapter given as the two files' contents.
+
+    Args:
+        config_json: contents of adapter_config.json.
+        safetensors: contents of adapter_model.safetensors.
+        base: the base model's fingerprint. Required for files PEFT wrote (they do not record weight shapes);
+            when given, the adapter must also fit it (names, shapes, fingerprint).
+        name: adapter name; default the one recorded by save_peft_adapter, else "peft-adapter".
+
+    Returns:
+        The validated SparseAdapter, on CPU, with mask "peft" (or the recorded one) and extra peft_r,
+        peft_target_modules and peft_base_model_name_or_path.
+    """
+    config = _config(config_json)
+    info = _header_info(safetensors)
+    pairs = _pairs(load_tensors(safetensors))
+    label = name or str(info.get("name") or "peft-adapter")
+    shapes: dict[str, tuple[int, ...]] = info.get("shapes") or {}
+    deltas = {}
+    for module, (idx, w) in pairs.items():
+        layer = module + ".weight"
+        shape = shapes.get(layer) or (base.shapes.get(layer) if base is not None else None)
+        if shape is None:
+            if base is None:
+                raise AdapterFormatError(
+                    "PEFT SHiRA files do not record weight shapes; pass the base model (base="
+                    f"BaseFingerprint.of(model), or --base on the command line) to import adapter {label!r}"
+                )
+            raise UnknownLayerError(
+                f"adapter {label!r} targets {layer}, which the base model does not have "
+                f"({len(base.shapes)} parameters, e.g. {next(iter(base.shapes))})"
+            )
+        keep = info["nnz"].get(layer) if info else None
+        deltas[layer] = _delta(layer, tuple(shape), idx, w, config["r"], keep, label)
+    extra = {str(k): str(v) for k, v in (info.get("extra") or {}).items()}
+    extra["peft_r"] = str(config["r"])
+    extra["peft_target_modules"] = json.dumps(sorted(config.get("target_modules") or []))
+    if config.get("base_model_name_or_path"):
+        extra["peft_base_model_name_or_path"] = str(config["base_model_name_or_path"])
+    adapter = SparseAdapter(
+        name=label,
+        deltas=deltas,
+        mask=str(info.get("mask") or "peft"),
+        base_fingerprint=info.get("base_fingerprint"),
+        description=str(info.get("description") or f"imported from PEFT SHiRA (r={config['r']})"),
+        extra=extra,
+    )
+    adapter.validate()
+    if base is not None:
+        base.check(adapter)
+    return adapter
+
+
+def load_peft_adapter(
+    directory: str | os.PathLike[str], base: BaseFingerprint | None = None, name: str | None = None
+) -> SparseAdapter:
+    """Reads a PEFT SHiRA adapter directory; see peft_from_bytes. The name defaults to the directory name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterFormatError(f"{directory} is not a directory; a PEFT adapter is a folder with {CONFIG_FILE}")
+    for needed in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (directory / needed).is_file():
+            hint = " (pickled adapter_model.bin files are never loaded; re-save with safe_serialization=True)"
+            bin_only = needed == WEIGHTS_FILE and (directory / "adapter_model.bin").exists()
+            raise AdapterFormatError(f"{directory} has no {needed}{hint if bin_only else ''}")
+    safetensors = (directory / WEIGHTS_FILE).read_bytes()
+    fallback = None if name or _header_info(safetensors).get("name") else directory.name
+    return peft_from_bytes((directory / CONFIG_FILE).read_bytes(), safetensors, base, name or fallback)
+
+
+def peft_rank(adapter: SparseAdapter) -> int:
+    """The smallest PEFT r whose r*(in+out) entries per layer hold every layer of the adapter.
+
+    Raises:
+        ShapeMismatchError: a weight is not 2-D, or some layer cannot hold r*(in+out) entries.
+    """
+    r = 1
+    for delta in adapter:
+        if len(delta.shape) != 2:
+            raise ShapeMismatchError(
+                f"PEFT SHiRA adapts only 2-D nn.Linear weights; layer {delta.name} of adapter "
+                f"{adapter.name!r} has shape {list(delta.shape)}"
+            )
+        r = max(r, math.ceil(delta.nnz / sum(delta.shape)))
+    for delta in adapter:
+        need = r * sum(delta.shape)
+        if need > delta.numel:
+            widest = max(adapter, key=lambda d: math.ceil(d.nnz / sum(d.shape)))
+            raise ShapeMismatchError(
+                f"PEFT cannot hold adapter {adapter.name!r}: it gives every layer r*(in+out) entries with "
+                f"one r; layer {widest.name} ({widest.nnz:,} entries, shape {list(widest.shape)}) needs "
+                f"r={r}, and then layer {delta.name} of shape {list(delta.shape)} would need {need:,} "
+                f"entries but has only {delta.numel:,} elements; export those layers separately or use "
+                "fewer entries"
+            )
+    return r
+
+
+def _padded(delta: SparseDelta, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices and values grown to `count` with zero values at the lowest untouched positions."""
+    idx, vals = delta.indices.to(torch.int64).cpu(), delta.values.detach().cpu()
+    pad = count - idx.numel()
+    if pad == 0:
+        return idx, vals
+    free = torch.ones(delta.numel, dtype=torch.bool)
+    free[idx] = False
+    extra = torch.nonzero(free).reshape(-1)[:pad]
+    return torch.cat([idx, extra]), torch.cat([vals, torch.zeros(pad, dtype=vals.dtype)])
+
+
+def peft_to_bytes(adapter: SparseAdapter, base_model_name_or_path: str | None = None) -> tuple[bytes, bytes]:
+    """Serialises an adapter to PEFT's SHiRA format.
+
+    Args:
+        adapter: the adapter; every layer must be the weight of an nn.Linear (PEFT adapts nothing else).
+        base_model_name_or_path: recorded in the config for PEFT's convenience.
+
+    Returns:
+        (adapter_config.json bytes, adapter_model.safetensors bytes).
+    """
+    adapter.validate()
+    if not len(adapter):
+        raise AdapterFormatError(f"adapter {adapter.name!r} has no layers; PEFT needs a target module")
+    r = peft_rank(adapter)
+    tensors: dict[str, torch.Tensor] = {}
+    modules, nnz = [], {}
+    for delta in adapter:
+        if not delta.name.endswith(".weight"):
+            raise ShapeMismatchError(f"PEFT SHiRA adapts nn.Linear weights; {delta.name} is not a .weight")
+        module = delta.name.removesuffix(".weight")
+        idx, vals = _padded(delta, r * sum(delta.shape))
+        in_f = delta.shape[1]
+        pairs = torch.stack([idx // in_f, idx % in_f]).to(torch.int32)
+        tensors[PREFIX + module + INDEX_KEY] = pairs.contiguous()
+        tensors[PREFIX + module + WEIGHT_KEY] = vals.contiguous()
+        modules.append(module)
+        nnz[delta.name] = delta.nnz
+    header = {
+        "name": adapter.name,
+        "mask": adapter.mask,
+        "description": adapter.description,
+        "base_fingerprint": adapter.base_fingerprint,
+        "extra": adapter.extra,
+        "shapes": {d.name: list(d.shape) for d in adapter},
+        "nnz": nnz,
+    }
+    # Full module paths match exactly one module each (PEFT matches list entries by name or dotted suffix).
+    config = {
+        "base_model_name_or_path": base_model_name_or_path,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_weights": True,
+        "mask_type": "random",
+        "modules_to_save": None,
+        "peft_type": "SHIRA",
+        "r": r,
+        "random_seed": None,
+        "revision": None,
+        "target_modules": sorted(modules),
+        "task_type": None,
+    }
+    weights = st_save(tensors, metadata={"format": "pt", META_KEY: json.dumps(header)})
+    return json.dumps(config, indent=2).encode(), weights
+
+
+def save_peft_adapter(
+    adapter: SparseAdapter, directory: str | os.PathLike[str], base_model_name_or_path: str | None = None
+) -> Path:
+    """Writes the adapter as a PEFT SHiRA directory (created if missing) that PeftModel.from_pretrained loads.
+
+    Returns:
+        The directory.
+    """
+    config, weights = peft_to_bytes(adapter, base_model_name_or_path)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, data in ((WEIGHTS_FILE, weights), (CONFIG_FILE, config)):
+        tmp = directory / (file + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, directory / file)
+    return directory
