@@ -21,6 +21,7 @@ from .fingerprint import BaseFingerprint
 from .fusion import fuse, fuse_linear, fuse_ties
 from .io import adapter_from_bytes, adapter_to_bytes, load_adapter, save_adapter
 from .masks import MASKS, build_masks
+from .peft_interop import load_peft_adapter, peft_from_bytes, peft_to_bytes, save_peft_adapter
 from .switcher import SwitchPlan, Switcher, SwitchResult
 
 __all__ = [
@@ -28,6 +29,6 @@ __all__ = [
     "IndexRangeError", "LengthMismatchError", "MASKS", "MaskError", "NonFiniteValueError", "ShapeMismatchError",
     "ShiraError", "SparseAdapter", "SparseDelta", "SwitchPlan", "SwitchResult", "Switcher", "UnknownLayerError",
     "adapter_from_bytes", "adapter_to_bytes", "build_masks", "fuse", "fuse_linear", "fuse_ties", "load_adapter",
-    "save_adapter",
+    "load_peft_adapter", "peft_from_bytes", "peft_to_bytes", "save_adapter", "save_peft_adapter",
 ]
 __version__ = "0.1.0"
