@@ -112,6 +112,9 @@ class AdapterCache:
         future.set_result(value)
         return value
 
+    def has_adapter(self, record: Any) -> bool:
+        return adapter_key(record) in self
+
     def peek(self, key: Hashable) -> Any | None:
         """The cached value without loading or touching the LRU order."""
         with self._lock:
@@ -160,7 +163,7 @@ class AdapterCache:
         with self._lock:
             return key in self._entries
 
-    def keys(self) -> list[Hashable]:
+    def lru_keys(self) -> list[Hashable]:
         """Keys from least to most recently used."""
         with self._lock:
             return list(self._entries)

@@ -56,7 +56,7 @@ def test_lru_evicts_least_recently_used_by_bytes():
     cache.get("b", loader("B", 40))
     cache.get("a", loader("never", 40))  # hit: a becomes most recent
     cache.get("c", loader("C", 40))  # 120 > 100: b goes
-    assert cache.keys() == ["a", "c"]
+    assert cache.lru_keys() == ["a", "c"]
     assert cache.bytes == 80
     stats = cache.stats()
     assert (stats["hits"], stats["misses"], stats["evictions"]) == (1, 3, 1)
@@ -70,7 +70,7 @@ def test_pinned_plan_is_never_evicted():
     cache.get("y", loader("Y", 30))  # 120: the pinned plan is older but x goes instead
     assert "plan" in cache and "x" not in cache and "y" in cache
     cache.get("huge", loader("H", 150))  # bigger than the budget: evicted at once, pinned stays
-    assert cache.keys() == ["plan"]
+    assert cache.lru_keys() == ["plan"]
     cache.pin(None)
     cache.get("z", loader("Z", 50))
     assert "plan" not in cache and "z" in cache
@@ -154,7 +154,7 @@ def test_adapter_is_decoded_once_per_record_and_dropped_by_name():
     cache.get(("plan", "ad@1"), loader("P", 7), names=["ad", "other"])
     cache.get(("plan", "zz"), loader("Q", 7), names=["zz"])
     assert cache.drop_names(["ad"]) == 3
-    assert cache.keys() == [("plan", "zz")] and cache.bytes == 7
+    assert cache.lru_keys() == [("plan", "zz")] and cache.bytes == 7
     assert adapter_key(r1) not in cache
 
 
@@ -168,4 +168,4 @@ def test_stored_adapter_that_no_longer_fits_the_base_is_refused():
         cache.adapter(Record("ad", 1, "aa"))
     with pytest.raises(AdapterNotFoundError, match="version 9"):
         cache.adapter(Record("ad", 9, "cc"))
-    assert cache.keys() == []
+    assert cache.lru_keys() == []

@@ -1,0 +1,276 @@
+"""The serving engine: one base model, many SHiRA adapters, requests batched per adapter set.
+
+A single worker thread owns the model. The asyncio side resolves adapter versions, warms the adapter cache
+and queues the request; the worker takes one group at a time from the scheduler, switches the weights to
+that group's set (a cached SwitchPlan, so a switch is one scatter), and decodes the whole group as a batch.
+Switching and forward passes run on the same thread, one after the other, so no forward pass ever sees a
+half-applied set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+
+from shira_core.delta import SparseAdapter
+from shira_core.errors import AdapterFormatError, ShiraError
+from shira_core.fingerprint import BaseFingerprint
+from shira_core.io import adapter_from_bytes
+from shira_core.switcher import Switcher
+
+from . import metrics
+from .adapter_cache import AdapterCache
+from .batch_generation import BatchGenerator
+from .config import Settings
+from .engine_worker import EngineUnavailableError, Pending, ResolvedSet, Worker, resolved_set
+from .errors import (
+    InvalidAdapterError,
+    InvalidRequestError,
+    MalformedUploadError,
+    RegistryUnavailableError,
+)
+from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    """Serves generation requests for a base model plus any set of stored adapters.
+
+    Args:
+        settings: service settings (model, device, dtype, limits, cache budget, batching).
+        registry: a RedisRegistry (record/read/listen).
+        model, tokenizer: an already loaded model and tokenizer (tests); loaded from settings when None.
+        model_label: a display name for an injected model.
+    """
+
+    def __init__(self, settings: Settings, registry: Any, model: Any = None, tokenizer: Any = None,
+                 model_label: str | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_label = model_label or ("injected model" if model is not None else settings.base_model)
+        self.fingerprint: BaseFingerprint | None = None
+        self.device = torch.device("cpu")
+        self.switcher: Switcher | None = None
+        self.cache: AdapterCache | None = None
+        self.scheduler = Scheduler(settings.max_batch_size, settings.max_groups_waited, settings.max_queue)
+        self._worker: Worker | None = None
+        self._stop = threading.Event()
+        self._listener = None
+        self._latest: dict[str, Any] = {}  # name -> newest record seen, for resolving while Redis is down
+        self._known: dict[tuple[str, int], Any] = {}  # (name, version) -> record
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Loads the model (unless injected), binds the Switcher, starts the worker and the event listener."""
+        if self._worker is not None and self._worker.is_alive():
+            return
+        if self.model is None:
+            from shira_core.models import load_base
+
+            self.model, self.tokenizer, source = load_base(
+                self.settings.base_model, self.settings.device, self.settings.dtype
+            )
+            self.model_label = source.label
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = next(self.model.parameters()).device
+        if self.switcher is None:
+            self.fingerprint = BaseFingerprint.of(self.model)
+            self.switcher = Switcher(self.model)
+            self.cache = AdapterCache(self.registry, self.fingerprint, self.settings.cache_bytes)
+        self._stop.clear()
+        generator = BatchGenerator(self.model, self.tokenizer)
+        self._worker = Worker(self.scheduler, self.switcher, self.cache, generator, self.settings, self._stop)
+        self._worker.start()
+        self._listener = self.registry.listen(self._on_event, self._stop)
+
+    def stop(self) -> None:
+        """Stops the worker after its current batch; queued requests fail with a 503."""
+        self._stop.set()
+        with self.scheduler.changed:
+            self.scheduler.changed.notify_all()
+        if self._worker is not None:
+            self._worker.join(60)
+            self._worker.fail_queued()
+        if self._listener is not None:
+            self._listener.join(5)
+
+    def ready(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _on_event(self, event: dict) -> None:
+        name = event.get("name", "")
+        if event.get("op") in ("delete", "put") and name:
+            # A put makes a new latest version; a delete (or a delete then re-upload) invalidates all.
+            self._latest.pop(name, None)
+            if event["op"] == "delete":
+                self._known = {k: v for k, v in self._known.items() if k[0] != name}
+                if self.cache is not None:
+                    self.cache.drop_names([name])
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]:
+        """Tokenises a plain prompt, or chat messages through the chat template with a generation prompt."""
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("give exactly one of 'prompt' or 'messages'")
+        if messages is not None:
+            if not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            ):
+                raise InvalidRequestError("'messages' must be a non-empty list of {role, content} strings")
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            ids = self.tokenizer(prompt).input_ids
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token of text")
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise InvalidRequestError(
+                f"the prompt is {len(ids)} tokens, the limit is {self.settings.max_prompt_tokens}; shorten it"
+            )
+        return list(ids)
+
+    def validate_upload(self, data: bytes, name: str) -> SparseAdapter:
+        """Native adapter bytes to a SparseAdapter checked against this base model."""
+        try:
+            return adapter_from_bytes(data, base=self.fingerprint, name=name)
+        except AdapterFormatError as e:
+            raise MalformedUploadError(f"adapter {name!r}: {e}") from e
+        except ShiraError as e:
+            raise InvalidAdapterError(f"adapter {name!r}: {e}") from e
+
+    async def resolve(self, adapters: AdapterSet) -> AdapterSet:
+        """Pins every adapter to a version (the latest when none is given); AdapterNotFoundError otherwise."""
+        return (await self._resolve(adapters)).pinned
+
+    async def _resolve(self, adapters: AdapterSet) -> ResolvedSet:
+        self._check_set(adapters)
+        records = await asyncio.gather(*(asyncio.to_thread(self._record, r.name, r.version) for r in adapters.refs))
+        return resolved_set(adapters, records)
+
+    def _record(self, name: str, version: int | None) -> Any:
+        try:
+            record = self.registry.record(name, version)
+        except RegistryUnavailableError:
+            # Redis is down: adapters already known (and cached) keep working; anything else cannot.
+            known = self._latest.get(name) if version is None else self._known.get((name, version))
+            if known is None or self.cache is None or not self.cache.has_adapter(known):
+                raise
+            return known
+        self._known[(name, record.version)] = record
+        if version is None:
+            self._latest[name] = record
+        return record
+
+    def _check_set(self, adapters: AdapterSet) -> None:
+        limit = self.settings.max_adapters_per_request
+        if len(adapters.refs) > limit:
+            raise InvalidRequestError(f"{len(adapters.refs)} adapters in one request; the limit is {limit}")
+        if adapters.merge not in MERGES:
+            raise InvalidRequestError(f"unknown merge {adapters.merge!r}; use one of {', '.join(MERGES)}")
+        names = [r.name for r in adapters.refs]
+        if len(set(names)) != len(names):
+            raise InvalidRequestError(f"adapter set {adapters.label()} names an adapter twice")
+        for ref in adapters.refs:
+            if not isinstance(ref.weight, (int, float)) or not math.isfinite(ref.weight):
+                raise InvalidRequestError(f"weight of adapter {ref.name!r} must be a finite number")
+
+    def _check_request(self, request: GenerationRequest) -> None:
+        p, s = request.params, self.settings
+        if not request.prompt_ids:
+            raise InvalidRequestError("the prompt is empty; send at least one token")
+        if len(request.prompt_ids) > s.max_prompt_tokens:
+            n = len(request.prompt_ids)
+            raise InvalidRequestError(f"the prompt is {n} tokens, the limit is {s.max_prompt_tokens}")
+        if not 1 <= p.max_new_tokens <= s.max_new_tokens:
+            raise InvalidRequestError(f"max_new_tokens must be in 1..{s.max_new_tokens}, got {p.max_new_tokens}")
+        if not (math.isfinite(p.temperature) and p.temperature >= 0):
+            raise InvalidRequestError(f"temperature must be >= 0, got {p.temperature}")
+        if not 0 < p.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {p.top_p}")
+        vocab = self.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in request.prompt_ids):
+            raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        if window and len(request.prompt_ids) + p.max_new_tokens > window:
+            raise InvalidRequestError(
+                f"prompt ({len(request.prompt_ids)}) plus max_new_tokens ({p.max_new_tokens}) exceeds the "
+                f"model's context of {window} tokens"
+            )
+
+    async def _submit(self, request: GenerationRequest, stream: bool) -> Pending:
+        if not self.ready():
+            raise EngineUnavailableError("the engine is not running (starting or stopped); retry in a moment")
+        self._check_request(request)
+        rset = await self._resolve(request.adapters)
+        # Decode missing adapters off the worker thread, so the worker never waits on Redis.
+        await asyncio.gather(*(asyncio.to_thread(self.cache.adapter, rec) for rec, _ in rset.items))
+        pending = Pending(request, rset, asyncio.get_running_loop(), stream)
+        pending.ticket = self.scheduler.submit(rset.key, pending)
+        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        return pending
+
+    def _abandon(self, pending: Pending) -> None:
+        if not pending.finished:
+            pending.cancelled = True
+            if self.scheduler.cancel(pending.ticket):
+                metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """Runs one request to completion. Cancelling the awaiting task takes it out of its batch."""
+        pending = await self._submit(request, stream=False)
+        try:
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, GenerationResult):
+                    return item
+        finally:
+            self._abandon(pending)
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]:
+        """Yields text deltas as they are decoded, then exactly one GenerationResult."""
+        pending = await self._submit(request, stream=True)
+        try:
+            while True:
+                item = await pending.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, GenerationResult):
+                    return
+        finally:
+            self._abandon(pending)
+
+    def status(self) -> dict:
+        """Active set, queue, cache and switcher memory, for the health/status endpoint."""
+        worker = self._worker
+        metrics_sample = worker.sample_memory() if worker else {}
+        return {
+            "model": self.model_label,
+            "device": str(self.device),
+            "ready": self.ready(),
+            "active": worker.active_label if worker else "base",
+            "queue_depth": self.scheduler.depth,
+            "queued_by_set": self.scheduler.snapshot(),
+            "cache": self.cache.stats() if self.cache else {},
+            "switcher": self.switcher.memory() if self.switcher else {},
+            "memory": metrics_sample,
+            "batches": worker.batches if worker else 0,
+            "switches": dict(worker.switches) if worker else {},
+        }
+

@@ -1,0 +1,233 @@
+"""The engine's worker thread: takes a group from the scheduler, switches the weights, decodes the batch.
+
+Everything that touches the model runs here, one step after another. The asyncio side talks to it only
+through the scheduler (requests in) and each request's asyncio.Queue (text, result or error out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+import torch
+
+from shira_core.fusion import fuse_ties
+from shira_core.switcher import Switcher, SwitchPlan
+
+from . import metrics
+from .adapter_cache import AdapterCache
+from .batch_generation import BatchGenerator, Row
+from .config import Settings
+from .errors import ServiceError
+from .generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, Timings
+from .scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+BASE_KEY: tuple = ()
+
+
+class EngineUnavailableError(ServiceError):
+    """The engine is starting or shutting down."""
+
+    status, code = 503, "engine_unavailable"
+
+
+@dataclass(frozen=True)
+class ResolvedSet:
+    """An adapter set with every adapter pinned to a stored record (name, version, sha256).
+
+    `key` identifies the weights the set produces: equal keys can share a batch and a SwitchPlan.
+    """
+
+    key: tuple
+    items: tuple[tuple[Any, float], ...]  # (AdapterRecord, weight), in request order
+    merge: str
+    pinned: AdapterSet
+    label: str
+
+    @property
+    def names(self) -> list[str]:
+        return [rec.name for rec, _ in self.items]
+
+    def used(self) -> list[dict]:
+        return [{"name": rec.name, "version": rec.version, "weight": w} for rec, w in self.items]
+
+
+def resolved_set(adapters: AdapterSet, records: list[Any]) -> ResolvedSet:
+    """Builds the ResolvedSet of `adapters` from their registry records (same order)."""
+    if not records:
+        return ResolvedSet(BASE_KEY, (), "linear", AdapterSet((), adapters.merge), "base")
+    items = tuple((rec, float(ref.weight)) for ref, rec in zip(adapters.refs, records, strict=True))
+    merge = adapters.merge if len(items) > 1 else "linear"  # one adapter: every merge is the same
+    key = (tuple(sorted((rec.name, rec.version, rec.sha256, w) for rec, w in items)), merge)
+    pinned = AdapterSet(
+        tuple(AdapterRef(rec.name, rec.version, ref.weight) for ref, rec in zip(adapters.refs, records, strict=True)),
+        adapters.merge,
+    )
+    return ResolvedSet(key, items, merge, pinned, pinned.label())
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request between the event loop and the worker."""
+
+    request: GenerationRequest
+    rset: ResolvedSet
+    loop: asyncio.AbstractEventLoop
+    stream: bool
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    enqueued: float = field(default_factory=time.monotonic)
+    ticket: Any = None
+    cancelled: bool = False
+    finished: bool = False
+
+    def put(self, item: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def fail(self, error: BaseException) -> None:
+        self.finished = True
+        self.put(error)
+
+
+class Worker(threading.Thread):
+    """The thread that owns the model. Start it once; set `stop` to end it after the current batch."""
+
+    def __init__(self, scheduler: Scheduler, switcher: Switcher, cache: AdapterCache,
+                 generator: BatchGenerator, settings: Settings, stop: threading.Event) -> None:
+        super().__init__(name="shira-engine", daemon=True)
+        self.scheduler, self.switcher, self.cache = scheduler, switcher, cache
+        self.generator, self.settings, self.stop = generator, settings, stop
+        self.active_key: tuple = BASE_KEY if switcher.active is None else ("unknown",)
+        self.active_label = "base"
+        self.batches = 0
+        self.switches: Counter[str] = Counter()
+        self._process = psutil.Process()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if not self.scheduler.wait(0.1):
+                continue
+            picked = self.scheduler.next_batch(self.active_key)
+            if picked is None:
+                continue
+            key, tickets = picked
+            try:
+                self._serve(key, [t.item for t in tickets])
+            except Exception:  # never let one bad batch end the worker
+                log.exception("batch for %s failed", key)
+
+    def fail_queued(self) -> None:
+        """Fails every request still queued (at shutdown)."""
+        error = EngineUnavailableError("the server is shutting down; retry against another instance")
+        while (picked := self.scheduler.next_batch()) is not None:
+            for ticket in picked[1]:
+                ticket.item.fail(error)
+        metrics.QUEUE_DEPTH.set(0)
+
+    def _serve(self, key: tuple, pendings: list[Pending]) -> None:
+        cap = self.settings.max_batch_size
+        if self.settings.batch_wait_ms > 0 and len(pendings) < cap:
+            time.sleep(self.settings.batch_wait_ms / 1000)  # let requests arriving together share the batch
+            pendings += [t.item for t in self.scheduler.take(key, cap - len(pendings))]
+        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        live = [p for p in pendings if not p.cancelled]
+        if not live:
+            return
+        try:
+            switch_s = self._switch(key, live[0].rset)
+        except Exception as e:
+            for p in live:
+                p.fail(e)
+            return
+        start = time.monotonic()
+        members: list[tuple[Row, Pending]] = [(self._row(p, start, switch_s), p) for p in live]
+
+        def admit(room: int) -> list[Row]:
+            # Join the running batch only while no other set is waiting, so joining never delays a switch.
+            if self.stop.is_set() or self.scheduler.depth == 0 or self.scheduler.depth != self.scheduler.depth_of(key):
+                return []
+            now = time.monotonic()
+            joined = [(self._row(t.item, now, 0.0), t.item) for t in self.scheduler.take(key, room)]
+            joined = [(r, p) for r, p in joined if not p.cancelled]
+            members.extend(joined)
+            metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+            return [r for r, _ in joined]
+
+        metrics.BATCH_SIZE.observe(len(members))
+        try:
+            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap)
+        except Exception as e:
+            log.exception("generation failed for %s", live[0].rset.label)
+            for row, p in members:
+                if row.finish_reason is None and not p.finished:
+                    p.fail(e)
+            return
+        finally:
+            self.batches += 1
+            metrics.GENERATE_SECONDS.observe(time.monotonic() - start)
+            self.sample_memory()
+        metrics.GENERATED_TOKENS.inc(produced)
+
+    def _row(self, p: Pending, start: float, switch_s: float) -> Row:
+        queue_s = start - p.enqueued
+        metrics.QUEUE_SECONDS.observe(queue_s)
+
+        def done(row: Row) -> None:
+            p.finished = True
+            if row.finish_reason == "cancelled":
+                return
+            timings = Timings(queue_s * 1000, switch_s * 1000, (time.monotonic() - start) * 1000)
+            p.put(GenerationResult(row.text, len(row.prompt_ids), len(row.tokens), row.finish_reason or "stop",
+                                   p.rset.used(), timings))
+
+        return Row(list(p.request.prompt_ids), p.request.params, on_text=p.put if p.stream else None,
+                   on_done=done, cancelled=lambda: p.cancelled)
+
+    def _switch(self, key: tuple, rset: ResolvedSet) -> float:
+        if key == BASE_KEY:
+            result = self.switcher.revert()
+            self.cache.pin(None)
+        else:
+            plan_key = ("plan", key)
+            plan = self.cache.get(plan_key, lambda: self._plan(rset), names=rset.names)
+            result = self.switcher.apply(plan)
+            self.cache.pin(plan_key)
+        self.active_key, self.active_label = key, rset.label
+        if result.kind != "noop":
+            self.switches[result.kind] += 1
+            metrics.SWITCH_SECONDS.labels(result.kind).observe(result.seconds)
+            metrics.ACTIVE_ADAPTER.info({"label": rset.label, "nnz": str(self.switcher.active.nnz
+                                                                         if self.switcher.active else 0)})
+            for part, nbytes in self.switcher.memory().items():
+                metrics.SWITCHER_BYTES.labels(part).set(nbytes)
+        return result.seconds
+
+    def _plan(self, rset: ResolvedSet) -> tuple[SwitchPlan, int]:
+        items = [(self.cache.adapter(rec), weight) for rec, weight in rset.items]
+        if rset.merge == "ties":
+            fused = fuse_ties(items, name=rset.label)
+            plan = self.switcher.prepare([(fused, 1.0)], label=rset.label)
+        else:
+            plan = self.switcher.prepare(items, label=rset.label)
+        return plan, plan.nbytes
+
+    def sample_memory(self) -> dict[str, int]:
+        """Resident and GPU memory into the gauges; returns them too."""
+        out = {"resident_bytes": self._process.memory_info().rss}
+        metrics.RESIDENT_BYTES.set(out["resident_bytes"])
+        device = self.generator.device
+        if device.type == "cuda":
+            out["gpu_allocated_bytes"] = torch.cuda.memory_allocated(device)
+            out["gpu_reserved_bytes"] = torch.cuda.memory_reserved(device)
+            metrics.GPU_ALLOCATED_BYTES.set(out["gpu_allocated_bytes"])
+            metrics.GPU_RESERVED_BYTES.set(out["gpu_reserved_bytes"])
+        return out
