@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .errors import IndexOrderError, IndexRangeError, LengthMismatchError, NonFiniteValueError
+from .errors import AdapterFormatError, IndexOrderError, IndexRangeError, LengthMismatchError, NonFiniteValueError
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -19,6 +19,10 @@ def index_dtype_for(numel: int) -> torch.dtype:
     if numel <= 2**31:
         return torch.int32
     return torch.int64
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
 
 
 @dataclass
@@ -42,6 +46,8 @@ class SparseDelta:
         self.indices = self.indices.reshape(-1)
         self.values = self.values.reshape(-1)
         narrow = index_dtype_for(self.numel)
+        if not _is_int(self.indices.dtype):
+            return  # float indices would be truncated by .to(int); validate() reports them
         if self.indices.dtype != narrow and self._indices_in_range():
             self.indices = self.indices.to(narrow)  # out-of-range ones stay wide so validate() reports them
 
@@ -73,8 +79,10 @@ class SparseDelta:
             raise LengthMismatchError(
                 f"indices and values differ: {self.indices.numel():,} vs {self.values.numel():,} {where}"
             )
+        if not _is_int(self.indices.dtype):
+            raise AdapterFormatError(f"indices must be integers, got {self.indices.dtype} {where}")
         if self.values.dtype.is_complex or not self.values.dtype.is_floating_point:
-            raise LengthMismatchError(f"values must be floating point, got {self.values.dtype} {where}")
+            raise AdapterFormatError(f"values must be floating point, got {self.values.dtype} {where}")
         if self.nnz == 0:
             return
         idx = self.indices.to(torch.int64)
@@ -160,7 +168,9 @@ class SparseAdapter:
 
     def scaled(self, alpha: float, name: str | None = None) -> SparseAdapter:
         deltas = {k: SparseDelta(d.name, d.shape, d.indices, d.values * alpha) for k, d in self.deltas.items()}
-        return SparseAdapter(name or self.name, deltas, self.mask, self.base_fingerprint, self.description, dict(self.extra))
+        return SparseAdapter(
+            name or self.name, deltas, self.mask, self.base_fingerprint, self.description, dict(self.extra)
+        )
 
     def to(self, device: torch.device | str) -> SparseAdapter:
         deltas = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -43,11 +43,15 @@ def _probe(tensor: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class BaseFingerprint:
-    """Names, shapes, dtype and value probes of a base model's parameters."""
+    """Names, shapes, dtype and value probes of a base model's parameters.
+
+    `aliases` maps the other names of tied parameters (lm_head.weight) to the name they are listed under.
+    """
 
     shapes: dict[str, tuple[int, ...]]
     probes: dict[str, float]
     dtype: str
+    aliases: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def of(cls, model: nn.Module) -> BaseFingerprint:
@@ -55,7 +59,9 @@ class BaseFingerprint:
         shapes = {k: tuple(p.shape) for k, p in params.items()}
         probes = {k: _probe(p) for k, p in params.items()}
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params.values()})
-        return cls(shapes, probes, ",".join(dtypes))
+        first = {id(p): k for k, p in params.items()}
+        aliases = {k: first[id(p)] for k, p in model.named_parameters(remove_duplicate=False) if k not in params}
+        return cls(shapes, probes, ",".join(dtypes), aliases)
 
     @property
     def structure_hash(self) -> str:
@@ -75,21 +81,23 @@ class BaseFingerprint:
             "id": self.id,
             "structure": self.structure_hash,
             "dtype": self.dtype,
-            "probes": {k: round(self.probes[k], 6) for k in keep},
+            # Significant digits, not decimals: a weight of mean |w| 1e-5 must survive the rounding.
+            "probes": {k: float(f"{self.probes[k]:.6g}") for k in keep},
         }
 
     def check(self, adapter: SparseAdapter) -> None:
         """Raises if the adapter names unknown weights, disagrees on a shape, or was built for another base."""
         for delta in adapter:
-            if delta.name not in self.shapes:
+            name = self.aliases.get(delta.name, delta.name)
+            if name not in self.shapes:
                 raise UnknownLayerError(
                     f"adapter {adapter.name!r} targets {delta.name}, which the base model does not have "
                     f"({len(self.shapes)} parameters, e.g. {next(iter(self.shapes))})"
                 )
-            if tuple(self.shapes[delta.name]) != tuple(delta.shape):
+            if tuple(self.shapes[name]) != tuple(delta.shape):
                 raise ShapeMismatchError(
                     f"shape differs for layer {delta.name} of adapter {adapter.name!r}: adapter says "
-                    f"{list(delta.shape)}, base model has {list(self.shapes[delta.name])}"
+                    f"{list(delta.shape)}, base model has {list(self.shapes[name])}"
                 )
         theirs = adapter.base_fingerprint
         if not theirs:
@@ -97,8 +105,11 @@ class BaseFingerprint:
         if theirs.get("structure") != self.structure_hash:
             raise BaseModelMismatchError(
                 f"adapter {adapter.name!r} was built for base {theirs.get('id')} with a different architecture "
-                f"(structure {theirs.get('structure')} vs {self.structure_hash}); load it on the model it was trained on"
+                f"(structure {theirs.get('structure')} vs {self.structure_hash}); "
+                "load it on the model it was trained on"
             )
+        if not self.probes:  # a shapes-only fingerprint (built without weights) cannot compare values
+            return
         for name, value in (theirs.get("probes") or {}).items():
             ours = self.probes.get(name)
             if ours is None or abs(ours - value) > PROBE_RTOL * max(abs(ours), abs(value), 1e-12):

@@ -18,8 +18,8 @@ def _check(items: Sequence[tuple[SparseAdapter, float]]) -> None:
         raise FusionError("fusion needs at least one (adapter, weight) pair")
     shapes: dict[str, tuple[int, ...]] = {}
     for adapter, alpha in items:
-        if not math.isfinite(float(alpha)):
-            raise FusionError(f"weight for adapter {adapter.name!r} must be finite, got {alpha!r}")
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise FusionError(f"weight for adapter {adapter.name!r} must be a finite number, got {alpha!r}")
         for d in adapter:
             if shapes.setdefault(d.name, d.shape) != d.shape:
                 raise FusionError(
@@ -66,7 +66,7 @@ def fuse_linear(items: Sequence[tuple[SparseAdapter, float]], name: str = "fused
     shapes = {d.name: d.shape for a, _ in items for d in a}
     for layer, pieces in _layer_pieces(items).items():
         union, vals, inverse = _union(pieces)
-        summed = torch.zeros(union.numel(), dtype=torch.float32).index_add_(0, inverse, vals)
+        summed = torch.zeros(union.numel(), dtype=torch.float32, device=union.device).index_add_(0, inverse, vals)
         out.deltas[layer] = SparseDelta(layer, shapes[layer], union, summed)
     return out
 
@@ -74,7 +74,7 @@ def fuse_linear(items: Sequence[tuple[SparseAdapter, float]], name: str = "fused
 def _trim(values: torch.Tensor, keep: float) -> torch.Tensor:
     """Mask of the top `keep` fraction of |values|."""
     k = max(1, math.ceil(keep * values.numel())) if values.numel() else 0
-    mask = torch.zeros(values.numel(), dtype=torch.bool)
+    mask = torch.zeros(values.numel(), dtype=torch.bool, device=values.device)
     if k:
         mask[torch.topk(values.abs(), k, sorted=False).indices] = True
     return mask
@@ -101,10 +101,11 @@ def fuse_ties(items: Sequence[tuple[SparseAdapter, float]], name: str = "fused",
         trimmed = [(i[m], v[m]) for i, v in pieces for m in [_trim(v, keep)]]
         union, vals, inverse = _union(trimmed)
         n = union.numel()
-        elected = torch.sign(torch.zeros(n).index_add_(0, inverse, vals))
+        zeros = torch.zeros(n, dtype=torch.float32, device=union.device)  # on the adapters' device
+        elected = torch.sign(zeros.clone().index_add_(0, inverse, vals))
         agree = (torch.sign(vals) == elected[inverse]) & (vals != 0)
-        total = torch.zeros(n).index_add_(0, inverse, vals * agree)
-        count = torch.zeros(n).index_add_(0, inverse, agree.float())
+        total = zeros.clone().index_add_(0, inverse, vals * agree)
+        count = zeros.clone().index_add_(0, inverse, agree.float())
         keep_rows = count > 0
         merged = total[keep_rows] / count[keep_rows]
         out.deltas[layer] = SparseDelta(layer, shapes[layer], union[keep_rows], merged)

@@ -43,7 +43,18 @@ def adapter_to_bytes(adapter: SparseAdapter) -> bytes:
         "extra": adapter.extra,
         "shapes": shapes,
     }
-    return st_save(tensors, metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "shira": json.dumps(header)})
+    blob = st_save(tensors, metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "shira": json.dumps(header)})
+    return _sorted_header(blob)
+
+
+def _sorted_header(blob: bytes) -> bytes:
+    # safetensors writes the metadata from a hash map, in a different order on every call; sorting the keys
+    # makes equal adapters give equal bytes (content hashes, caches). Tensor offsets do not move.
+    (size,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the data section 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + blob[8 + size :]
 
 
 def save_adapter(adapter: SparseAdapter, path: str | os.PathLike[str]) -> Path:
@@ -92,18 +103,26 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
         The validated SparseAdapter, on CPU.
     """
     meta = read_safetensors_header(data).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"header field '__metadata__' must be a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
         raise AdapterFormatError(
             f"not a native shira adapter: header format is {meta.get('format')!r}, expected {FORMAT!r} "
             "(PEFT SHiRA adapters go through shira_core.peft_interop or `shira convert`)"
         )
     if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFormatError(f"unsupported format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION}")
+        raise AdapterFormatError(
+            f"unsupported format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}"
+        )
     try:
         info = json.loads(meta["shira"])
         shapes = {str(k): tuple(int(s) for s in v) for k, v in info["shapes"].items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise AdapterFormatError(f"header field 'shira' is missing or malformed: {e}") from e
+        extra = {str(k): str(v) for k, v in (info.get("extra") or {}).items()}
+        fingerprint = info.get("base_fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, dict):
+            raise TypeError(f"base_fingerprint must be an object, got {type(fingerprint).__name__}")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise AdapterFormatError(f"header field 'shira' is missing or malformed: {e!r}") from e
     tensors = load_tensors(data)
     expected = {n + s for n in shapes for s in (INDEX_SUFFIX, VALUE_SUFFIX)}
     if set(tensors) != expected:
@@ -113,17 +132,21 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
     for layer, shape in shapes.items():
         idx, vals = tensors[layer + INDEX_SUFFIX], tensors[layer + VALUE_SUFFIX]
         if idx.dtype not in INT_DTYPES or idx.dim() != 1:
-            raise AdapterFormatError(f"indices of layer {layer} must be a 1-D int tensor, got {idx.dtype} {list(idx.shape)}")
+            raise AdapterFormatError(
+                f"indices of layer {layer} must be a 1-D int tensor, got {idx.dtype} {list(idx.shape)}"
+            )
         if not vals.dtype.is_floating_point or vals.dim() != 1:
-            raise AdapterFormatError(f"values of layer {layer} must be a 1-D float tensor, got {vals.dtype} {list(vals.shape)}")
+            raise AdapterFormatError(
+                f"values of layer {layer} must be a 1-D float tensor, got {vals.dtype} {list(vals.shape)}"
+            )
         deltas[layer] = SparseDelta(layer, shape, idx, vals)
     adapter = SparseAdapter(
         name=name or str(info.get("name") or "adapter"),
         deltas=deltas,
         mask=str(info.get("mask") or "unknown"),
-        base_fingerprint=info.get("base_fingerprint"),
+        base_fingerprint=fingerprint,
         description=str(info.get("description") or ""),
-        extra={str(k): str(v) for k, v in (info.get("extra") or {}).items()},
+        extra=extra,
     )
     adapter.validate()
     if base is not None:

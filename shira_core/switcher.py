@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .delta import SparseAdapter
-from .errors import FusionError, NonFiniteValueError, ShapeMismatchError, UnknownLayerError
+from .errors import FusionError, IndexRangeError, NonFiniteValueError, ShapeMismatchError, UnknownLayerError
 from .fingerprint import unique_parameters
 
 ALIGN = 64  # elements; keeps every weight view cache-line aligned inside the flat buffer
@@ -104,7 +104,7 @@ class Switcher:
         if names is None:
             chosen = [n for n, p in params.items() if p.dtype.is_floating_point and p.dim() >= 2]
         else:
-            chosen = [aliases.get(n, n) for n in names]
+            chosen = list(dict.fromkeys(aliases.get(n, n) for n in names))  # a tied weight is bound once
             unknown = [n for n in chosen if n not in params]
             if unknown:
                 raise UnknownLayerError(f"model has no parameter(s) {unknown[:3]}")
@@ -112,6 +112,10 @@ class Switcher:
         self._groups: list[_Group] = []
         self._params: dict[str, nn.Parameter] = {n: params[n] for n in chosen}
         self._bind(chosen, params)
+        # Where each bound weight must keep living; checked before every write.
+        self._homes = [
+            (self._params[n], self._groups[s.group].buffer[s.offset :].data_ptr()) for n, s in self._slots.items()
+        ]
         for alias, target in aliases.items():
             if target in self._slots:
                 self._slots[alias] = self._slots[target]
@@ -141,7 +145,7 @@ class Switcher:
             buffer = torch.zeros(total, dtype=dtype, device=device)
             gid = len(self._groups)
             self._groups.append(_Group(buffer, list(names)))
-            for name, off in zip(names, offsets):
+            for name, off in zip(names, offsets, strict=True):
                 p = params[name]
                 view = buffer[off : off + p.numel()].view(p.shape)
                 view.copy_(p.data)
@@ -157,10 +161,8 @@ class Switcher:
         return self._active
 
     def _check_bound(self) -> None:
-        for group in self._groups:
-            name = group.names[0]
-            slot = self._slots[name]
-            if self._params[name].data_ptr() != group.buffer[slot.offset :].data_ptr():
+        for param, home in self._homes:
+            if param.data_ptr() != home:
                 raise RuntimeError(
                     "the model's weights were moved or re-allocated after the Switcher bound them "
                     "(model.to()/half()?); create a new Switcher after moving the model"
@@ -178,6 +180,18 @@ class Switcher:
                 f"base model has {list(slot.shape)}"
             )
         return slot
+
+    @staticmethod
+    def _check_range(adapter: SparseAdapter, name: str, indices: torch.Tensor, numel: int) -> None:
+        # Flat buffers hold weights back to back: an index past its weight would land in the next one.
+        if indices.numel() == 0:
+            return
+        lo, hi = int(indices.min()), int(indices.max())
+        if lo < 0 or hi >= numel:
+            raise IndexRangeError(
+                f"index out of range: [{lo:,}, {hi:,}] but layer {name} of adapter {adapter.name!r} "
+                f"has {numel:,} elements"
+            )
 
     @torch.no_grad()
     def prepare(self, items: WeightedSet, label: str | None = None) -> SwitchPlan:
@@ -198,22 +212,24 @@ class Switcher:
                 raise FusionError(f"weight for adapter {adapter.name!r} must be a finite number, got {alpha!r}")
             for delta in adapter:
                 slot = self._slot(adapter, delta.name, delta.shape)
+                self._check_range(adapter, delta.name, delta.indices, slot.numel)
                 device = self._groups[slot.group].buffer.device
                 idx = delta.indices.to(device=device, dtype=torch.int64) + slot.offset
                 vals = delta.values.to(device=device, dtype=torch.float32) * float(alpha)
                 chunks.setdefault(slot.group, []).append((idx, vals))
-        parts = [self._build_part(gid, pieces) for gid, pieces in sorted(chunks.items())]
         if label is None:
             label = "+".join(f"{a.name}:{w:g}" for a, w in items)
+        parts = [self._build_part(gid, pieces, label) for gid, pieces in sorted(chunks.items())]
         digest = hashlib.blake2b(digest_size=16)
         for part in parts:
             digest.update(str(part.group).encode())
             digest.update(part.index.cpu().numpy().tobytes())
         return SwitchPlan(label, parts, digest.hexdigest())
 
-    def _build_part(self, gid: int, pieces: list[tuple[torch.Tensor, torch.Tensor]]) -> _Part:
+    def _build_part(self, gid: int, pieces: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> _Part:
         buffer = self._groups[gid].buffer
-        idx, order = torch.sort(torch.cat([p[0] for p in pieces]))
+        # Stable, so entries that overlap are summed in item order: the same set always gives the same bits.
+        idx, order = torch.sort(torch.cat([p[0] for p in pieces]), stable=True)
         vals = torch.cat([p[1] for p in pieces])[order]
         if idx.numel() > 1 and bool((idx[1:] == idx[:-1]).any()):  # overlapping adapters (or tied weights) add
             idx, inverse = torch.unique_consecutive(idx, return_inverse=True)
@@ -223,9 +239,12 @@ class Switcher:
             self._restore_originals(gid, idx, original)
         adapted = (original.float() + vals).to(buffer.dtype)
         if not bool(torch.isfinite(adapted).all()):
-            bad = int((~torch.isfinite(adapted)).sum())
+            bad = ~torch.isfinite(adapted)
+            first = int(idx[bad][0])
+            layer = next(n for n, s in self._slots.items() if s.group == gid and s.offset <= first < s.offset + s.numel)
             raise NonFiniteValueError(
-                f"{bad:,} adapted weights overflow {buffer.dtype} (NaN or inf); lower the adapter weights"
+                f"{int(bad.sum()):,} adapted weights overflow {buffer.dtype} (NaN or inf) for set {label!r}, "
+                f"first in layer {layer} at flat index {first - self._slots[layer].offset:,}; lower the adapter weights"
             )
         return _Part(gid, idx, adapted, original)
 
