@@ -1,0 +1,104 @@
+"""Helpers for the live-server acceptance tests: a uvicorn thread, adapters on the real model, references.
+
+References are computed in-process with shira_core (Switcher, fusion) or PEFT on a separate copy of the base
+model, and greedy-decoded with transformers' own generate(), so the server is checked against code that
+shares nothing with its engine but the weights.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+import torch
+
+from shira_core.delta import SparseAdapter, SparseDelta
+from shira_core.fingerprint import BaseFingerprint
+from shira_core.fusion import fuse
+from shira_core.switcher import Switcher
+
+
+class ServerThread:
+    """A real uvicorn server for `app` on a free loopback port, in a daemon thread (lifespan included)."""
+
+    def __init__(self, app, start_timeout: float = 600.0) -> None:
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.start_timeout = start_timeout
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True
+                raise RuntimeError("the test server did not start (see the log above)")
+            time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+
+def random_adapter(
+    model: torch.nn.Module, name: str, seed: int, density: float = 0.004, std: float = 0.08,
+    targets: Sequence[str] = ("q_proj", "v_proj", "o_proj"),
+) -> SparseAdapter:
+    """A random sparse adapter over the given projections, fingerprinted for `model`."""
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {}
+    suffixes = tuple(f"{t}.weight" for t in targets)
+    for pname, param in model.named_parameters():
+        if pname.endswith(suffixes):
+            n = param.numel()
+            k = max(1, int(n * density))
+            idx = torch.randperm(n, generator=gen)[:k].sort().values
+            deltas[pname] = SparseDelta(pname, tuple(param.shape), idx, torch.randn(k, generator=gen) * std)
+    fingerprint = BaseFingerprint.of(model).to_dict(deltas)
+    return SparseAdapter(name, deltas, "rand", fingerprint, f"random test adapter {name}")
+
+
+@torch.inference_mode()
+def greedy_text(model: torch.nn.Module, tokenizer, prompt_ids: list[int], max_new_tokens: int) -> str:
+    """transformers' greedy generate, cut at the first end-of-sequence token and detokenised."""
+    ids = torch.tensor([prompt_ids])
+    out = model.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+        temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+    )[0, len(prompt_ids):].tolist()
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    for i, token in enumerate(out):
+        if token in eos_ids:
+            out = out[:i]
+            break
+    return tokenizer.decode(out, skip_special_tokens=True)
+
+
+class Reference:
+    """Greedy outputs of a private copy of the base with an adapter set applied by shira_core."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.switcher = Switcher(model)
+
+    def text(self, prompt_ids: list[int], max_new_tokens: int,
+             items: Sequence[tuple[SparseAdapter, float]] = (), merge: str = "linear") -> str:
+        if not items:
+            return greedy_text(self.model, self.tokenizer, prompt_ids, max_new_tokens)
+        target = [(fuse(items, merge), 1.0)] if merge == "ties" else list(items)
+        self.switcher.apply(target)
+        try:
+            return greedy_text(self.model, self.tokenizer, prompt_ids, max_new_tokens)
+        finally:
+            self.switcher.revert()
