@@ -201,7 +201,8 @@ def test_fp16_overflow_raises_and_leaves_weights_untouched(tiny_llama):
     huge = SparseDelta(Q0, (32, 32), torch.tensor([2, 40]), torch.tensor([1.0, 7.0e4]))
     big = SparseAdapter("big", {Q0: huge})
     before = snapshot(model)
-    with pytest.raises(NonFiniteValueError, match=r"1 adapted weights overflow torch\.float16 .*'big:1'.*q_proj\.weight at flat index 40;"):
+    overflow = r"1 adapted weights overflow torch\.float16 .*'big:1'.*q_proj\.weight at flat index 40;"
+    with pytest.raises(NonFiniteValueError, match=overflow):
         switcher.apply([(big, 1.0)])
     assert_matches_snapshot(model, before)
     assert switcher.active is None
