@@ -22,7 +22,7 @@ from .fusion import fuse, fuse_linear, fuse_ties
 from .io import adapter_from_bytes, adapter_to_bytes, load_adapter, save_adapter
 from .masks import MASKS, build_masks
 from .peft_interop import load_peft_adapter, peft_from_bytes, peft_to_bytes, save_peft_adapter
-from .switcher import SwitchPlan, Switcher, SwitchResult
+from .switcher import Switcher, SwitchPlan, SwitchResult
 
 __all__ = [
     "AdapterFormatError", "BaseFingerprint", "BaseModelMismatchError", "FusionError", "IndexOrderError",

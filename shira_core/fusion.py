@@ -112,10 +112,12 @@ def fuse_ties(items: Sequence[tuple[SparseAdapter, float]], name: str = "fused",
     return out
 
 
-def fuse(items: Sequence[tuple[SparseAdapter, float]], merge: str = "linear", name: str = "fused") -> SparseAdapter:
-    """Dispatches to fuse_linear or fuse_ties by name."""
+def fuse(
+    items: Sequence[tuple[SparseAdapter, float]], merge: str = "linear", name: str = "fused", keep: float = 0.5
+) -> SparseAdapter:
+    """Dispatches to fuse_linear or fuse_ties (with its trim fraction `keep`) by name."""
     if merge == "linear":
         return fuse_linear(items, name)
     if merge == "ties":
-        return fuse_ties(items, name)
+        return fuse_ties(items, name, keep)
     raise FusionError(f"unknown merge {merge!r}; use one of {', '.join(MERGES)}")
