@@ -60,15 +60,17 @@ class DemoTask:
 def _unique(make_one: Callable[[random.Random], Record], rng: random.Random, n: int,
             taken: set[str]) -> list[Record]:
     out: list[Record] = []
-    tries = 0
+    misses = 0
     while len(out) < n:
-        tries += 1
-        if tries > 100 * n + 1000:
-            raise ValueError(f"cannot draw {n} distinct examples; ask for fewer")
         rec = make_one(rng)
-        if rec["prompt"] not in taken:
-            taken.add(rec["prompt"])
-            out.append(rec)
+        if rec["prompt"] in taken:
+            misses += 1
+            if misses > 2000:  # in a row: the task's space is (nearly) used up
+                raise ValueError(f"cannot draw {n} distinct examples (got {len(out)}); ask for fewer")
+            continue
+        misses = 0
+        taken.add(rec["prompt"])
+        out.append(rec)
     return out
 
 
