@@ -134,5 +134,4 @@ def run(host: str | None = None, port: int | None = None) -> None:
     log.info("base model: %s (device %s, dtype %s)", settings.base_model, settings.device, settings.dtype)
     where = _redact(settings.redis_url) if settings.redis_url else f"embedded under {settings.data_dir}"
     log.info("registry: %s", where)
-    log.info("limits: %s", _describe_limits(settings))
     uvicorn.run(create_app(settings), host=host, port=port, log_level="info")

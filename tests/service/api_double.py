@@ -109,3 +109,35 @@ def tiny_adapter(model: torch.nn.Module, name: str = "tiny", scale: float = 0.01
     values = torch.randn(16, generator=gen) * scale
     fp = BaseFingerprint.of(model).to_dict([layer])
     return SparseAdapter(name, {layer: SparseDelta(layer, tuple(weight.shape), idx, values)}, "rand", fp)
+
+
+class ServerThread:
+    """A real uvicorn server for `app` on a free loopback port, in a daemon thread (lifespan included)."""
+
+    def __init__(self, app) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + 120
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

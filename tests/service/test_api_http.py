@@ -7,6 +7,7 @@ base) is tested against the real Engine in tests/integration/test_server.py.
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import torch
@@ -261,3 +262,32 @@ def test_openai_client_against_the_app(client, tiny):
         oai.completions.create(model="nope", prompt="x")
     with pytest.raises(openai.UnprocessableEntityError, match="max_tokens"):
         oai.completions.create(model="a", prompt="x", max_tokens=1000)
+
+
+def test_unreachable_registry_is_503_and_unexpected_errors_are_500(tiny, registry):
+    from service.embedded_redis import connect
+    from service.registry import RedisRegistry
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+    dead = RedisRegistry(connect(dead_url, connect_timeout=0.5), namespace="nowhere")
+    test_client, engine = make_client(tiny, dead)
+    with test_client as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 503 and ready.json() == {"status": "not_ready", "model": True, "registry": False}
+        listing = client.get("/adapters")
+        assert_error(listing, 503, "registry_unavailable", "127.0.0.1")
+        assert listing.headers["Retry-After"] == "1"
+
+    test_client, engine = make_client(tiny, registry)
+
+    async def broken(request):
+        raise RuntimeError("secret internals")
+
+    engine.generate = broken
+    with TestClient(test_client.app, raise_server_exceptions=False) as client:
+        response = client.post("/generate", json={"prompt": "hi"})
+        assert_error(response, 500, "internal_error")
+        assert "secret" not in response.text
+        assert 'shira_requests_total{adapter="base",status="500"}' in client.get("/metrics").text
