@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 
+from shira_core.errors import MaskError
 from shira_core.masks import build_masks
 from shira_core.models import linear_weight_names
 from shira_core.training import attach_gradient_masks, attach_sparse_params
@@ -26,7 +28,8 @@ def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_value_gradients_equal_dense_gradients_on_the_mask(tiny_llama):
+@pytest.mark.parametrize("grad_method", ["sddmm", "dense"])
+def test_value_gradients_equal_dense_gradients_on_the_mask(tiny_llama, grad_method):
     model = tiny_llama(seed=1)
     masks = _masks(model)
     dense = copy.deepcopy(model).train()
@@ -37,9 +40,10 @@ def test_value_gradients_equal_dense_gradients_on_the_mask(tiny_llama):
         dparams[n].requires_grad_(True)
     dense(**_batch()).loss.backward()
 
-    sparse = attach_sparse_params(model, masks)
+    sparse = attach_sparse_params(model, masks, grad_method=grad_method)
     model.train()
     model(**_batch()).loss.backward()
+    assert all(layer.pattern.method == grad_method for layer in sparse._layers.values())  # no silent fallback
     grads = sparse.grads()
     for name, idx in masks.items():
         ref = dparams[name].grad.reshape(-1)[idx]
@@ -137,3 +141,15 @@ def test_bf16_base_keeps_fp32_values_and_restores(tiny_llama):
     assert sparse.extract("bf", "rand").deltas[sparse.names[0]].values.dtype == torch.bfloat16
     sparse.remove()
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_unsorted_masks_are_sorted_and_repeats_refused(tiny_llama):
+    model = tiny_llama(seed=6)
+    name = linear_weight_names(model)[0]
+    sparse = attach_sparse_params(model, {name: torch.tensor([9, 2, 5])})
+    assert sparse.extract("u").deltas[name].indices.tolist() == [2, 5, 9]
+    sparse.remove()
+    with pytest.raises(MaskError, match="repeats an index"):
+        attach_sparse_params(model, {name: torch.tensor([3, 3])})
+    with pytest.raises(MaskError, match="outside"):
+        attach_sparse_params(model, {name: torch.tensor([10**9])})
