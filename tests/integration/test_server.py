@@ -64,7 +64,7 @@ def live():
     namespace = f"test-api-{uuid.uuid4().hex[:12]}"
     settings = Settings(
         _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device="cpu",
-        max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=64, max_batch_size=16, max_adapters_per_request=4,
+        max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
     )
     app = create_app(settings)  # the lifespan connects Redis and loads the real model
     registry = RedisRegistry(connect(REDIS_URL), namespace=namespace)
@@ -205,6 +205,21 @@ def test_bad_uploads_are_refused_and_change_nothing(live):
         assert r.status_code == status, (label, r.text)
     assert live.keys() == before_keys
     assert live.client.get("/adapters").json() == before_list
+
+
+def test_client_disconnect_stops_generation(live):
+    from service import metrics
+
+    produced_before = metrics.GENERATED_TOKENS._value.get()
+    body = {"prompt": "Once upon a time, in a land far away,", "max_new_tokens": 256, "stream": True}
+    with live.client.stream("POST", "/generate", json=body) as r:
+        assert r.status_code == 200
+        next(r.iter_lines())  # the first delta arrived: generation runs; now hang up
+    follow_up = live.generate(PROMPTS[3])  # waits behind (or joins) the abandoned request
+    abandoned = metrics.GENERATED_TOKENS._value.get() - produced_before - follow_up["completion_tokens"]
+    assert abandoned < 128, f"the abandoned stream went on for {abandoned} tokens"
+    full = live.client.post("/generate", json={**body, "stream": False}).json()
+    assert full["completion_tokens"] >= 128, "the prompt must run long for this test to mean anything"
 
 
 def test_concurrent_mixed_requests_match_isolation_and_base_is_restored(live):
