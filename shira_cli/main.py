@@ -184,6 +184,27 @@ def bench_serve(
     run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out)
 
 
+@bench_app.command("train")
+def bench_train(
+    rank: Annotated[int, typer.Option(help="LoRA rank; every method trains r * (in + out) entries per layer.")] = 4,
+    layers: Annotated[int, typer.Option(help="Decoder layers of the SmolLM2-135M-shaped random model.")] = 30,
+    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    steps: Annotated[int, typer.Option(help="Timed steps per method (after one warm-up step).")] = 5,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each method keeps its fastest.")] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Step time and peak memory: SHiRA sparse-param and grad-mask vs PEFT LoRA and PEFT SHiRA."""
+    from .bench_train import run_train_bench
+
+    try:
+        run_train_bench(rank=rank, layers=layers, batch_size=batch_size, seq_len=seq_len, steps=steps,
+                        rounds=rounds, device=device, as_json=json_out)
+    except RuntimeError as e:
+        _fail(str(e))
+
+
 def main() -> None:
     app()
 
