@@ -17,7 +17,9 @@ CACHE_EVICTIONS = Counter("shira_adapter_cache_evictions_total", "Adapters evict
 RESIDENT_BYTES = Gauge("shira_process_resident_memory_bytes", "Resident memory of the server process.")
 GPU_ALLOCATED_BYTES = Gauge("shira_gpu_memory_allocated_bytes", "CUDA memory allocated by tensors.")
 GPU_RESERVED_BYTES = Gauge("shira_gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator.")
-SWITCHER_BYTES = Gauge("shira_switcher_bytes", "Switcher memory by part (saved originals, index buffers, ...).", ["part"])
+SWITCHER_BYTES = Gauge(
+    "shira_switcher_bytes", "Switcher memory by part (saved originals, index buffers, ...).", ["part"]
+)
 REQUESTS = Counter("shira_requests_total", "Generation requests by adapter set and HTTP status.", ["adapter", "status"])
 QUEUE_SECONDS = Histogram("shira_queue_seconds", "Time a request waited before its batch started.")
 GENERATE_SECONDS = Histogram("shira_generate_seconds", "Time spent generating for one batch.")

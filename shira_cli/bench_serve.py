@@ -156,7 +156,8 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
         for work in workloads:
             n = requests_per_client * (2 if work.clients == 1 else 1)
             samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
-            typer.echo(f"round {r + 1}/{rounds} {work.name}: {samples[work.name][-1]['tokens_per_s']:.1f} tok/s", err=True)
+            rate = samples[work.name][-1]["tokens_per_s"]
+            typer.echo(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s", err=True)
     out: dict[str, float] = {}
     for name, runs in samples.items():
         for key in ("tokens_per_s", "p50_ms", "p99_ms"):

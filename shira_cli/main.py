@@ -13,7 +13,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(help="Side-by-side benchmarks; each prints ratios measured in one process.", no_args_is_help=True)
+bench_app = typer.Typer(
+    help="Side-by-side benchmarks; each prints ratios measured in one process.", no_args_is_help=True
+)
 app.add_typer(bench_app, name="bench")
 
 
@@ -70,7 +72,7 @@ def compare(
 @app.command()
 def convert(
     source: Annotated[Path, typer.Argument(help="Native .safetensors file or PEFT SHiRA adapter directory.")],
-    dest: Annotated[Path, typer.Argument(help="Output: a directory for --to peft, a .safetensors file for --to native.")],
+    dest: Annotated[Path, typer.Argument(help="Output: a directory (--to peft) or a .safetensors file.")],
     to: Annotated[str, typer.Option(help="Target format: native or peft.")] = "native",
     name: Annotated[str | None, typer.Option(help="Adapter name to record.")] = None,
     base: Annotated[str | None, typer.Option(help="Base model to validate against and fingerprint (optional).")] = None,
