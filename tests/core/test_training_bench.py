@@ -1,0 +1,18 @@
+"""`shira bench train` workers: equal trainable counts across methods, sane times and memory."""
+
+from __future__ import annotations
+
+import pytest
+
+from shira_cli.bench_train import worker
+
+
+@pytest.mark.parametrize("method", ["sparse", "gradmask", "lora", "peft_shira"])
+def test_every_method_trains_the_same_number_of_entries(method):
+    spec = {"method": method, "rank": 2, "layers": 1, "batch_size": 1, "seq_len": 8, "steps": 1,
+            "device": "cpu", "dtype": "float32"}
+    got = worker(spec)
+    # One decoder layer of SmolLM2's shape: r * (in + out) summed over q, k, v, o, gate, up, down.
+    in_out = (576 + 576) * 2 + (576 + 192) * 2 + (576 + 1536) * 3
+    assert got["trainable"] == 2 * in_out
+    assert got["step_s"] > 0 and got["peak_mb"] >= 0 and got["memory"] == "rss"
