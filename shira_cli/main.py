@@ -207,6 +207,45 @@ def bench_train(
         _fail(str(e))
 
 
+@app.command()
+def experiment(
+    tasks: Annotated[str, typer.Option(help="Comma-separated demo tasks, two or more: kv2json, sentiment, capitals.")]
+    = "sentiment,kv2json",
+    steps: Annotated[int, typer.Option(help="Optimizer steps per adapter.")] = 32,
+    eval_limit: Annotated[int, typer.Option(help="Held-out examples per task.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seeds the data, masks, LoRA init and batch order.")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for experiment.json, .md and .png.")] = Path("docs"),
+    lr: Annotated[float, typer.Option(help="AdamW learning rate for SHiRA (and LoRA unless --lora-lr).")] = 3e-3,
+    lora_lr: Annotated[float | None, typer.Option(help="AdamW learning rate for LoRA.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    max_len: Annotated[int, typer.Option(help="Max tokens per example.")] = 96,
+    density: Annotated[float, typer.Option(help="SHiRA density; LoRA ranks match its count per layer.")] = 0.01,
+    calib_batches: Annotated[int, typer.Option(help="Calibration batches for the SNIP mask.")] = 4,
+    fusion_weight: Annotated[float, typer.Option(help="Weight of every adapter in the fused sum.")] = 1.0,
+    n_train: Annotated[int | None, typer.Option(help="Training examples per task (default per task).")] = None,
+    base: Annotated[str | None, typer.Option(help="Base model (default: bundled SmolLM2-135M-Instruct).")] = None,
+    cache: Annotated[Path, typer.Option(help="Folder caching the trained adapters.")] = Path("data/experiment-cache"),
+    reuse: Annotated[bool, typer.Option(help="Load adapters from --cache where present instead of training.")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Single-adapter, fusion (Table 4) and orthogonality results for SHiRA-WM/SNIP vs LoRA, on CPU, into --out."""
+    from shira_core.errors import ShiraError
+
+    from .experiment import ExperimentConfig
+    from .experiment_report import run_experiment_command
+
+    cfg = ExperimentConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), steps=steps,
+                           batch_size=batch_size, lr=lr, lora_lr=lora_lr, density=density, max_len=max_len,
+                           eval_limit=eval_limit, n_train=n_train, seed=seed, calib_batches=calib_batches,
+                           fusion_weight=fusion_weight)
+    try:
+        run_experiment_command(cfg, out=out, base=base, cache_dir=cache, reuse=reuse, threads=threads,
+                               progress=progress)
+    except (ShiraError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
 def main() -> None:
     app()
 
