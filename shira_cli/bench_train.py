@@ -3,7 +3,8 @@ SHiRA at equal trainable parameter counts (every layer gets r * (in + out) entri
 
 Each method runs in a fresh subprocess so peak memory is its own: on CUDA, max_memory_allocated above what
 was allocated before the first step; on CPU, the peak resident set size (sampled) above the same point. The
-model has SmolLM2-135M's shape with random weights (no download, no GGUF parsing); --layers shrinks it.
+model is the bundled base (SmolLM2-135M-Instruct) by default; `--base random` builds one of the same shape with
+random weights, which --layers can shrink, for a quick run.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class _RssPeak:
 def _model(spec: dict[str, Any]):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if spec.get("base", "random") != "random":
+        from shira_core.models import load_base
+
+        model, _, _ = load_base(spec["base"], device=spec["device"], dtype=spec["dtype"])
+        return model
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=spec["layers"],
                          num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
@@ -130,34 +137,38 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run_train_bench(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq_len: int = 256, steps: int = 5,
                     rounds: int = 1, device: str = "auto", dtype: str = "auto",
-                    methods: tuple[str, ...] = METHODS, as_json: bool = False) -> dict[str, Any]:
-    """Runs every method in its own subprocess, `rounds` times interleaved, keeps each method's fastest round,
-    and prints ratios against PEFT LoRA. On a shared machine, more rounds make the ratios less noisy."""
+                    methods: tuple[str, ...] = METHODS, as_json: bool = False, base: str = "default") -> dict[str, Any]:
+    """Runs every method in its own subprocess, `rounds` times interleaved, takes the median over rounds,
+    and prints ratios against PEFT LoRA. On a shared machine, more rounds make the ratios less noisy.
+
+    Args:
+        base: "default" (the bundled model), a model path, or "random" (same shape, random weights).
+    """
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device == "cuda" else "float32"
-    results: dict[str, dict[str, Any]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for _ in range(rounds):
         for method in methods:
             spec = {"method": method, "rank": rank, "layers": layers, "batch_size": batch_size, "seq_len": seq_len,
-                    "steps": steps, "device": device, "dtype": dtype}
+                    "steps": steps, "device": device, "dtype": dtype, "base": base}
             proc = subprocess.run([sys.executable, "-m", "shira_cli.bench_train", json.dumps(spec)],
                                   capture_output=True, text=True, check=False)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench worker for {method} failed:\n{proc.stderr[-2000:]}")
-            got = json.loads(proc.stdout.strip().splitlines()[-1])
-            if method not in results or got["step_s"] < results[method]["step_s"]:
-                results[method] = got
+            runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    results = {m: dict(r[0], step_s=statistics.median(x["step_s"] for x in r),
+                       peak_mb=statistics.median(x["peak_mb"] for x in r)) for m, r in runs.items()}
     if not as_json:
         for method, r in results.items():
             print(f"{method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, peak +{r['peak_mb']:7.1f} MB "
                   f"({r['memory']}), {r['trainable']:,} trainable")
     report: dict[str, Any] = {"setup": {"rank": rank, "layers": layers, "batch_size": batch_size,
                                         "seq_len": seq_len, "steps": steps, "rounds": rounds, "device": device,
-                                        "dtype": dtype},
+                                        "dtype": dtype, "base": base},
                               "methods": results}
     if "lora" in results:
         lora = results["lora"]

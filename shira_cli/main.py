@@ -189,7 +189,8 @@ def bench_serve(
 @bench_app.command("train")
 def bench_train(
     rank: Annotated[int, typer.Option(help="LoRA rank; every method trains r * (in + out) entries per layer.")] = 4,
-    layers: Annotated[int, typer.Option(help="Decoder layers of the SmolLM2-135M-shaped random model.")] = 30,
+    base: Annotated[str, typer.Option(help="default (bundled SmolLM2-135M), a model path, or random.")] = "default",
+    layers: Annotated[int, typer.Option(help="Decoder layers when --base random.")] = 30,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
     seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
     steps: Annotated[int, typer.Option(help="Timed steps per method (after one warm-up step).")] = 5,
@@ -202,7 +203,7 @@ def bench_train(
 
     try:
         run_train_bench(rank=rank, layers=layers, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                        rounds=rounds, device=device, as_json=json_out)
+                        rounds=rounds, device=device, as_json=json_out, base=base)
     except RuntimeError as e:
         _fail(str(e))
 
