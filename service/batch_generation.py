@@ -8,9 +8,11 @@ and their cache is left-padded to the running one's length before the two are co
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache
@@ -28,6 +30,7 @@ class Row:
         on_text: called with each complete piece of new text (streaming); None when nobody streams.
         on_done: called once with the row when it finishes, for any reason.
         cancelled: polled between steps; when it returns True the row leaves the batch.
+        set_key: the row's adapter set, for mixed-set batches (rows of one set may share a SetDelta).
     """
 
     prompt_ids: list[int]
@@ -35,6 +38,7 @@ class Row:
     on_text: Callable[[str], None] | None = None
     on_done: Callable[[Row], None] | None = None
     cancelled: Callable[[], bool] = lambda: False
+    set_key: Hashable = ()
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
@@ -46,6 +50,14 @@ class Row:
     @property
     def incremental(self) -> bool:
         return self.on_text is not None or bool(self.params.stop)
+
+
+class Guests(Protocol):
+    """Mixed-set batches: per-row corrections applied during each forward pass (see service.mixed_batches)."""
+
+    def prefill(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
+
+    def decode(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
 
 
 @dataclass
@@ -84,13 +96,16 @@ class BatchGenerator:
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     @torch.inference_mode()
-    def run(self, rows: list[Row], admit: Callable[[int], list[Row]] | None = None, max_rows: int = 64) -> int:
+    def run(self, rows: list[Row], admit: Callable[[int], list[Row]] | None = None, max_rows: int = 64,
+            guests: Guests | None = None) -> int:
         """Generates until every row is finished.
 
         Args:
             rows: the rows to start with.
-            admit: asked between steps for up to n more rows to join the batch (same adapter set).
+            admit: asked between steps for up to n more rows to join the batch (same adapter set, or any set
+                `guests` accepted).
             max_rows: the batch never grows past this many rows.
+            guests: rows of several adapter sets: wraps every forward pass with their corrections.
 
         Returns:
             Tokens generated, over all rows.
@@ -102,7 +117,8 @@ class BatchGenerator:
             if pending:
                 for row in pending:
                     self._init_row(row)
-                joined, first = self._prefill(pending)
+                with guests.prefill(pending) if guests else contextlib.nullcontext():
+                    joined, first = self._prefill(pending)
                 produced += self._advance(joined, first.tolist())
                 batch = self._merge(batch, joined)
                 batch = self._drop_finished(batch)
@@ -112,13 +128,14 @@ class BatchGenerator:
                     return produced
                 continue
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-            logits = self.model(
-                input_ids=batch.last[:, None],
-                attention_mask=batch.mask,
-                position_ids=batch.positions[:, None],
-                use_cache=True,
-                **{self._cache_arg: batch.cache},
-            ).logits[:, -1]
+            with guests.decode(batch.rows) if guests else contextlib.nullcontext():
+                logits = self.model(
+                    input_ids=batch.last[:, None],
+                    attention_mask=batch.mask,
+                    position_ids=batch.positions[:, None],
+                    use_cache=True,
+                    **{self._cache_arg: batch.cache},
+                ).logits[:, -1]
             batch.positions = batch.positions + 1
             batch.last = self._sample(logits, batch.rows)
             produced += self._advance(batch, batch.last.tolist())

@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     max_adapters_per_request: int = 8
     max_groups_waited: int = Field(4, description="A request never waits behind more than this many other groups.")
     batch_wait_ms: float = Field(2.0, description="How long the scheduler lets a batch fill before running it.")
+    mixed_batches: bool = Field(True, description="Rows of different adapter sets share one batch (guest rows).")
 
     @field_validator("admin_token", "read_token")
     @classmethod

@@ -19,6 +19,7 @@ import psutil
 import torch
 
 from shira_core.fusion import fuse_ties
+from shira_core.guest_rows import GuestRows, SetDelta
 from shira_core.switcher import Switcher, SwitchPlan
 
 from . import metrics
@@ -27,6 +28,7 @@ from .batch_generation import BatchGenerator, Row
 from .config import Settings
 from .errors import ServiceError
 from .generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, Timings
+from .mixed_batches import MixedBatches
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -111,19 +113,32 @@ class Worker(threading.Thread):
         self.batches = 0
         self.switches: Counter[str] = Counter()
         self._process = psutil.Process()
+        self.mixed: MixedBatches | None = None
+        if settings.mixed_batches:
+            guests = GuestRows(generator.model, switcher)
+            dense = sum(layer.out_features * layer.in_features for layer in guests.layers)
+            self.mixed = MixedBatches(guests, self._delta, self._switch, lambda: self.active_key, dense)
 
     def run(self) -> None:
-        while not self.stop.is_set():
-            if not self.scheduler.wait(0.1):
-                continue
-            picked = self.scheduler.next_batch(self.active_key)
-            if picked is None:
-                continue
-            key, tickets = picked
-            try:
-                self._serve(key, [t.item for t in tickets])
-            except Exception:  # never let one bad batch end the worker
-                log.exception("batch for %s failed", key)
+        try:
+            while not self.stop.is_set():
+                if not self.scheduler.wait(0.1):
+                    continue
+                picked = self.scheduler.next_batch(self.active_key)
+                if picked is None:
+                    continue
+                key, tickets = picked
+                pendings = [t.item for t in tickets]
+                try:
+                    if self.mixed is not None and self.mixed.mixable(key, pendings[0].rset):
+                        self._serve_mixed(pendings)
+                    else:
+                        self._serve(key, pendings)
+                except Exception:  # never let one bad batch end the worker
+                    log.exception("batch for %s failed", key)
+        finally:
+            if self.mixed is not None:
+                self.mixed.guests.close()  # a restarted engine binds new hooks
 
     def fail_queued(self) -> None:
         """Fails every request still queued (at shutdown)."""
@@ -177,6 +192,66 @@ class Worker(threading.Thread):
             self.sample_memory()
         metrics.GENERATED_TOKENS.inc(produced)
 
+    def _serve_mixed(self, pendings: list[Pending]) -> None:
+        """One batch of rows of any mixable sets; requests of mixable sets join between steps."""
+        cap = self.settings.max_batch_size
+        if self.settings.batch_wait_ms > 0 and len(pendings) < cap:
+            time.sleep(self.settings.batch_wait_ms / 1000)
+        keys = self._mixable_keys()
+        if keys:
+            pendings += [t.item for t in self.scheduler.take_oldest(keys, cap - len(pendings))]
+        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        live = [p for p in pendings if not p.cancelled]
+        if not live:
+            return
+        start = time.monotonic()
+        members: list[tuple[Row, Pending]] = [(self._row(p, start, 0.0), p) for p in live]
+
+        def admit(room: int) -> list[Row]:
+            # A queued set that cannot mix waits for this batch to drain, so joining never starves it.
+            if self.stop.is_set() or self.scheduler.depth == 0 or not (keys := self._mixable_keys()):
+                return []
+            now = time.monotonic()
+            joined = [(self._row(t.item, now, 0.0), t.item) for t in self.scheduler.take_oldest(keys, room)]
+            joined = [(r, p) for r, p in joined if not p.cancelled]
+            members.extend(joined)
+            metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+            return [r for r, _ in joined]
+
+        metrics.BATCH_SIZE.observe(len(members))
+        try:
+            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap, guests=self.mixed)
+        except Exception as e:
+            log.exception("mixed generation failed")
+            for row, p in members:
+                if row.finish_reason is None and not p.finished:
+                    p.fail(e)
+            return
+        finally:
+            self.batches += 1
+            self.mixed.release()
+            metrics.GENERATE_SECONDS.observe(time.monotonic() - start)
+            self.sample_memory()
+        metrics.GENERATED_TOKENS.inc(produced)
+
+    def _mixable_keys(self) -> set[tuple] | None:
+        """Keys of the queued groups, or None when one of them cannot share a batch with other sets."""
+        keys = set()
+        for key, pending in self.scheduler.heads():
+            if not self.mixed.mixable(key, pending.rset):
+                return None
+            keys.add(key)
+        return keys
+
+    def _delta(self, key: tuple, rset: ResolvedSet) -> SetDelta:
+        plan = self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)
+
+        def build() -> tuple[SetDelta, int]:
+            delta = self.mixed.guests.delta(plan)
+            return delta, delta.nbytes
+
+        return self.cache.get(("guest", key), build, names=rset.names)
+
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
         queue_s = start - p.enqueued
         metrics.QUEUE_SECONDS.observe(queue_s)
@@ -190,9 +265,9 @@ class Worker(threading.Thread):
                                    p.rset.used(), timings))
 
         return Row(list(p.request.prompt_ids), p.request.params, on_text=p.put if p.stream else None,
-                   on_done=done, cancelled=lambda: p.cancelled)
+                   on_done=done, cancelled=lambda: p.cancelled, set_key=p.rset.key)
 
-    def _switch(self, key: tuple, rset: ResolvedSet) -> float:
+    def _switch(self, key: tuple, rset: ResolvedSet | None) -> float:
         if key == BASE_KEY:
             result = self.switcher.revert()
             self.cache.pin(None)
@@ -201,11 +276,12 @@ class Worker(threading.Thread):
             plan = self.cache.get(plan_key, lambda: self._plan(rset), names=rset.names)
             result = self.switcher.apply(plan)
             self.cache.pin(plan_key)
-        self.active_key, self.active_label = key, rset.label
+        label = rset.label if rset is not None else "base"
+        self.active_key, self.active_label = key, label
         if result.kind != "noop":
             self.switches[result.kind] += 1
             metrics.SWITCH_SECONDS.labels(result.kind).observe(result.seconds)
-            metrics.ACTIVE_ADAPTER.info({"label": rset.label, "nnz": str(self.switcher.active.nnz
+            metrics.ACTIVE_ADAPTER.info({"label": label, "nnz": str(self.switcher.active.nnz
                                                                          if self.switcher.active else 0)})
             for part, nbytes in self.switcher.memory().items():
                 metrics.SWITCHER_BYTES.labels(part).set(nbytes)

@@ -123,6 +123,25 @@ class Scheduler:
         with self._lock:
             return self._take(key, limit) if key in self._groups and limit > 0 else []
 
+    def heads(self) -> list[tuple[Hashable, Any]]:
+        """(key, oldest item) of every queued group, for deciding which groups may share a mixed batch."""
+        with self._lock:
+            return [(k, group[0].item) for k, group in self._groups.items()]
+
+    def take_oldest(self, keys: set[Hashable], limit: int) -> list[Ticket]:
+        """Takes up to `limit` of the oldest tickets over the groups in `keys` (mixed-set batches)."""
+        with self._lock:
+            candidates = sorted((t for k in keys if k in self._groups for t in self._groups[k]), key=lambda t: t.seq)
+            batch = candidates[: max(0, limit)]
+            for ticket in batch:
+                group = self._groups[ticket.key]
+                group.remove(ticket)
+                if not group:
+                    del self._groups[ticket.key]
+                ticket.queued = False
+            self._depth -= len(batch)
+            return batch
+
     def _take(self, key: Hashable, limit: int) -> list[Ticket]:
         group = self._groups[key]
         batch, rest = group[:limit], group[limit:]

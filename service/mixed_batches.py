@@ -1,0 +1,130 @@
+"""Mixed-set batches: rows of several adapter sets decode together, one set (the host) in the weights.
+
+The worker's side of shira_core.guest_rows: it decides which sets may ride as guests, picks the host before
+each decode step (switching the weights when that pays), and hands the generator the guest plan for each
+forward pass. Rows of the host set cost nothing extra; every other row costs one sparse product per layer
+with its set's delta (plus the host's delta, negated, when the host is not the base).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import Counter
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+from shira_core.guest_rows import GuestRows, GuestSetError, SetDelta
+
+from .batch_generation import Row
+
+log = logging.getLogger(__name__)
+
+BASE_KEY: tuple = ()
+
+# A guest costs about GUEST_ENTRY_COST dense weights' worth of forward-pass time per delta entry (measured on
+# CPU, SmolLM2-135M fp32: ~1-3 ns per sparse entry vs ~0.1 ns per dense weight). A set whose delta would cost
+# more than one dense forward pass per step runs in a batch of its own, as before.
+GUEST_ENTRY_COST = 20
+# Writing one weight entry when switching the host costs about this many entry-steps of guest correction
+# (switch: 10-20 ms per 1.06M entries; guest correction: 1-3 ms per 1.06M entries per step).
+SWITCH_ENTRY_COST = 5
+
+
+class MixedBatches:
+    """Host choice and guest plans for one worker.
+
+    Args:
+        guests: the GuestRows bound to the model and the Switcher.
+        delta_for: builds (or fetches from the cache) the SetDelta of a set key and its ResolvedSet.
+        switch: switches the weights to a set key (BASE_KEY: the base); returns seconds spent.
+        active: returns the key of the set in the weights now.
+        dense_params: the model's adaptable Linear weights, for the guest-size limit.
+    """
+
+    def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any], SetDelta],
+                 switch: Callable[[Hashable, Any], float], active: Callable[[], Hashable], dense_params: int) -> None:
+        self.guests = guests
+        self._delta_for, self._switch, self._active = delta_for, switch, active
+        self.max_guest_nnz = dense_params // GUEST_ENTRY_COST
+        self._sets: dict[Hashable, Any] = {BASE_KEY: None}
+        self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}
+        self._refused: set[Hashable] = set()
+        self.host_switches = 0
+
+    def mixable(self, key: Hashable, rset: Any) -> bool:
+        """Whether rows of this set may share a batch with other sets (builds its delta the first time)."""
+        if key in self._deltas:
+            return True
+        if key in self._refused:
+            return False
+        try:
+            delta = self._delta_for(key, rset)
+        except GuestSetError as e:
+            log.info("set %s runs in batches of its own: %s", key, e)
+            self._refused.add(key)
+            return False
+        if delta.nnz > self.max_guest_nnz:
+            self._refused.add(key)
+            return False
+        self._sets[key], self._deltas[key] = rset, delta
+        return True
+
+    def release(self) -> None:
+        """Forgets the deltas of sets other than the host's (the adapter cache still holds them)."""
+        wanted = {BASE_KEY, self._active()}
+        for key in [k for k in self._deltas if k not in wanted]:
+            self._deltas.pop(key, None)
+            self._sets.pop(key, None)
+
+    def choose_host(self, rows: Sequence[Row]) -> Hashable:
+        """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,
+        counting the switch needed to get there."""
+        active = self._active()
+        counts = Counter(r.set_key for r in rows)
+        if len(counts) == 1:
+            return next(iter(counts))
+        horizon = max(1, sorted(r.params.max_new_tokens - len(r.tokens) for r in rows)[len(rows) // 2])
+        nnz = {k: self._deltas[k].nnz for k in counts}
+        active_nnz = self._deltas[active].nnz if active in self._deltas else 0
+
+        def cost(host: Hashable) -> float:
+            host_nnz = nnz.get(host, active_nnz if host == active else 0)
+            step = sum(n * (nnz[k] + host_nnz) for k, n in counts.items() if k != host)
+            written = 0 if host == active else active_nnz + host_nnz
+            return horizon * step + SWITCH_ENTRY_COST * written
+
+        candidates = {active, BASE_KEY, *counts} if active in self._deltas else {BASE_KEY, *counts}
+        return min(candidates, key=lambda h: (cost(h), h != active))
+
+    @contextlib.contextmanager
+    def decode(self, rows: Sequence[Row]) -> Iterator[None]:
+        """Picks the host (switching when it pays) and applies the guests' corrections in the step inside."""
+        host = self.choose_host(rows)
+        if host != self._active():
+            self._switch(host, self._sets.get(host))
+            self.host_switches += 1
+        plan = self._plan(rows, host, prefill=False)
+        with self.guests.active(plan):
+            yield
+
+    @contextlib.contextmanager
+    def prefill(self, rows: Sequence[Row]) -> Iterator[None]:
+        """Prefills joining rows under the current host (a switch for a prefill rarely pays), or under the best
+        host for them when the weights hold a set that cannot be a host here (left by a batch of its own)."""
+        host = self._active()
+        if host not in self._deltas:
+            host = self.choose_host(rows)
+            self._switch(host, self._sets.get(host))
+            self.host_switches += 1
+        with self.guests.active(self._plan(rows, host, prefill=True)):
+            yield
+
+    def _plan(self, rows: Sequence[Row], host: Hashable, prefill: bool):
+        guests = [None if r.set_key == host else self._deltas[r.set_key] for r in rows]
+        if all(g is None for g in guests):
+            return None
+        host_delta = None if host == BASE_KEY else self._deltas[host]
+        if prefill:
+            return self.guests.prefill_plan(guests, host_delta)
+        return self.guests.decode_plan(guests, host_delta)

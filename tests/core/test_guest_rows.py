@@ -1,0 +1,123 @@
+"""Guest rows: a batch whose rows use different adapter sets gives each row its own set's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shira_core.delta import SparseAdapter, SparseDelta
+from shira_core.guest_rows import GuestRows, GuestSetError
+from shira_core.masks import rand_mask
+from shira_core.models import linear_weight_names
+from shira_core.switcher import Switcher
+
+
+def adapter(model, name: str, seed: int, density: float = 0.1, std: float = 0.3) -> SparseAdapter:
+    params = dict(model.named_parameters())
+    gen = torch.Generator().manual_seed(seed)
+    deltas = {}
+    for i, layer in enumerate(linear_weight_names(model)):
+        idx = rand_mask(params[layer], density, seed=seed * 100 + i).cpu()
+        values = torch.randn(idx.numel(), generator=gen) * std
+        deltas[layer] = SparseDelta(layer, tuple(params[layer].shape), idx, values)
+    return SparseAdapter(name, deltas)
+
+
+@pytest.fixture
+def bound(tiny_llama):
+    model = tiny_llama(seed=3, vocab=64, hidden=32)
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    switcher = Switcher(model)
+    guests = GuestRows(model, switcher)
+    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
+    plans.append(switcher.prepare([(adapter(model, "m1", 7), 0.6), (adapter(model, "m2", 8), 0.5)]))
+    yield model, switcher, guests, plans, snapshot
+    guests.close()
+
+
+@torch.inference_mode()
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=ids, use_cache=False).logits
+
+
+@torch.inference_mode()
+def isolated(model, switcher, plans, sets: list[int | None], ids: torch.Tensor) -> torch.Tensor:
+    out = []
+    for r, s in enumerate(sets):
+        if s is None:
+            switcher.revert()
+        else:
+            switcher.apply(plans[s])
+        out.append(logits(model, ids[r : r + 1])[0])
+    switcher.revert()
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("host", [None, 0, 3])
+def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
+    model, switcher, guests, plans, snapshot = bound
+    deltas = [guests.delta(p) for p in plans]
+    sets = [0, None, 1, 0, 2, 3, 3, None]  # None: base rows
+    ids = torch.randint(0, 64, (len(sets), 6), generator=torch.Generator().manual_seed(1))
+    expected = isolated(model, switcher, plans, sets, ids)
+    expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
+    base = deltas[0].__class__("base", {}, 0)
+    row_deltas = [base if s is None else deltas[s] for s in sets]
+    if host is not None:
+        switcher.apply(plans[host])
+    host_delta = None if host is None else deltas[host]
+    guest_list = [None if s == host else d for s, d in zip(sets, row_deltas, strict=True)]
+
+    with guests.active(guests.prefill_plan(guest_list, host_delta)):
+        mixed = logits(model, ids)  # many tokens per row: the prefill plan
+    with guests.active(guests.decode_plan(guest_list, host_delta)):
+        mixed_last = logits(model, ids[:, -1:])  # one token per row: the decode plan
+    plain = logits(model, ids)
+    switcher.revert()
+
+    torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed_last, expected_last, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the sets really differ from the host alone
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
+    model, switcher, guests, plans, _ = bound
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    before = logits(model, ids)
+    delta = guests.delta(plans[0])
+    plan = guests.decode_plan([delta, None], None)
+    assert guests.decode_plan([delta, None], None) is plan  # same composition: the built plan again
+    assert guests.decode_plan([None, delta], None) is not plan
+    guests.close()
+    with guests.active(guests.prefill_plan([delta, delta], None)):
+        after = logits(model, ids)  # hooks removed: the plan has no effect
+    assert torch.equal(before, after)
+
+
+def test_a_plan_for_another_row_count_is_refused(bound):
+    model, _, guests, plans, _ = bound
+    delta = guests.delta(plans[1])
+    with guests.active(guests.decode_plan([delta, None, None], None)), pytest.raises(RuntimeError, match="3 rows"):
+        logits(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
+    model, switcher, guests, _, _ = bound
+    name = "model.embed_tokens.weight"  # tied to lm_head: used by nn.Embedding too
+    shape = tuple(dict(model.named_parameters())[name].shape)
+    emb = SparseAdapter("emb", {name: SparseDelta(name, shape, torch.tensor([3, 70]), torch.tensor([0.5, -0.5]))})
+    with pytest.raises(GuestSetError, match=r"'emb'.*embed_tokens"):
+        guests.delta(switcher.prepare([(emb, 1.0)], label="emb"))
+
+
+def test_delta_holds_exactly_the_plan_entries(bound):
+    model, _, guests, plans, _ = bound
+    delta = guests.delta(plans[3])
+    assert delta.nnz == plans[3].nnz == sum(int(d.col.numel()) for d in delta.layers.values())
+    params = dict(model.named_parameters())
+    for lid, d in delta.layers.items():
+        layer = guests.layers[lid]
+        assert d.matrix.shape == params[layer.name].shape
+        assert d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()

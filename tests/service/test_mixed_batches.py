@@ -1,0 +1,117 @@
+"""Mixed-set batches in the engine: rows of several adapter sets decode together in one batch."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+import torch
+from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, tokenizer, upload  # noqa: F401
+
+from service.config import Settings
+from service.embedded_redis import connect
+from service.engine import Engine
+from service.registry import RedisRegistry
+from shira_core.delta import SparseAdapter, SparseDelta
+from shira_core.fingerprint import BaseFingerprint
+from shira_core.models import load_base
+
+
+@pytest.fixture
+def tiny_mixed(tokenizer, registry):  # noqa: F811 - the module fixture imported above
+    model = tiny_model(len(tokenizer))
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    engine = Engine(Settings(max_queue=64, batch_wait_ms=20.0, mixed_batches=True), registry, model=model,
+                    tokenizer=tokenizer)
+    engine.start()
+    for seed, name in enumerate(["a1", "a2", "a3"], start=1):
+        upload(registry, random_adapter(model, name, seed, density=0.1, std=0.5), engine.fingerprint)
+    yield engine, snapshot
+    engine.stop()
+
+
+def test_rows_of_many_sets_share_one_batch_and_the_base_is_restored(tiny_mixed):
+    engine, snapshot = tiny_mixed
+    ids = engine.encode(prompt="Hello there")
+    sets = [(), ("a1",), ("a2",), ("a3",), ("a1", "a2"), ("a1",)]
+
+    async def run():
+        await engine.generate(request(ids, "a1", n=2))  # plans and deltas of a1 cached, a1 in the weights
+        batches = engine.status()["batches"]
+        results = await asyncio.gather(*(engine.generate(request(ids, *s, n=6)) for s in sets))
+        return results, engine.status()["batches"] - batches
+
+    results, batches = asyncio.run(run())
+    assert batches <= 2  # one mixed batch (a late arrival may start a second), not one per set
+    assert [[a["name"] for a in r.adapters] for r in results] == [list(s) for s in sets]
+    assert all(r.completion_tokens == 6 for r in results)
+    engine.stop()
+    engine.switcher.revert()
+    state = engine.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+    engine.start()
+
+
+def test_a_set_that_cannot_mix_runs_in_a_batch_of_its_own(tiny_mixed, registry):
+    engine, _ = tiny_mixed
+    name = "model.embed_tokens.weight"
+    shape = tuple(engine.model.model.embed_tokens.weight.shape)
+    deltas = {name: SparseDelta(name, shape, torch.tensor([5, 900]), torch.tensor([0.3, -0.3]))}
+    emb = SparseAdapter("emb", deltas, "rand", BaseFingerprint.of(engine.model).to_dict(deltas))
+    upload(registry, emb, engine.fingerprint)
+    ids = engine.encode(prompt="Hello")
+
+    async def run():
+        alone = await engine.generate(request(ids, "emb", n=5))
+        together = await asyncio.gather(*(engine.generate(request(ids, *s, n=5)) for s in [("emb",), ("a1",), ()]))
+        return alone, together
+
+    alone, together = asyncio.run(run())
+    assert together[0].text == alone.text  # grouped path: bit-identical to running it alone
+    assert any("emb" in str(k) for k in engine._worker.mixed._refused)
+
+
+# -- the real bundled model ----------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_real_model_mixed_batch_texts_equal_isolated_runs():
+    model, tok, source = load_base(None, "cpu", "float32")
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    client = connect(TEST_REDIS_URL)
+    registry = RedisRegistry(client, namespace=f"test-{uuid.uuid4().hex[:12]}")
+    engine = Engine(Settings(batch_wait_ms=50.0, mixed_batches=True), registry, model=model, tokenizer=tok)
+    engine.start()
+    try:
+        adapters = {f"m{i}": random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02) for i in range(3)}
+        for adapter in adapters.values():
+            upload(registry, adapter, engine.fingerprint)
+        prompts = [engine.encode(prompt="The capital of France is"),
+                   engine.encode(messages=[{"role": "user", "content": "Name three colours."}])]
+        sets = [("m0",), ("m1",), ("m2",), ("m0",), ()]
+        n = 12
+        reqs = [request(ids, *s, n=n) for s in sets for ids in prompts]
+
+        async def run():
+            return await asyncio.gather(*(engine.generate(r) for r in reqs))
+
+        results = asyncio.run(run())
+        assert engine.status()["batches"] <= 2 and engine._worker.mixed.host_switches <= 2
+    finally:
+        engine.stop()
+        for key in client.scan_iter(match=f"{registry.namespace}:*"):
+            client.delete(key)
+    switcher = engine.switcher
+    expected = []
+    for s in sets:
+        if s:
+            switcher.apply(switcher.prepare([(adapters[s[0]], 1.0)]))
+        else:
+            switcher.revert()
+        expected += [hf_greedy(model, tok, ids, n) for ids in prompts]
+    switcher.revert()
+    assert [r.text for r in results] == expected
+    assert len(set(expected)) > 2  # the sets do change the output
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
