@@ -194,7 +194,7 @@ class Worker(threading.Thread):
 
     def _serve_mixed(self, pendings: list[Pending]) -> None:
         """One batch of rows of any mixable sets; requests of mixable sets join between steps."""
-        cap = self.settings.max_batch_size
+        mixer, cap = self.mixed, self.settings.max_batch_size
         if self.settings.batch_wait_ms > 0 and len(pendings) < cap:
             time.sleep(self.settings.batch_wait_ms / 1000)
         keys = self._mixable_keys()
@@ -220,7 +220,7 @@ class Worker(threading.Thread):
 
         metrics.BATCH_SIZE.observe(len(members))
         try:
-            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap, guests=self.mixed)
+            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap, guests=mixer)
         except Exception as e:
             log.exception("mixed generation failed")
             for row, p in members:
@@ -229,7 +229,7 @@ class Worker(threading.Thread):
             return
         finally:
             self.batches += 1
-            self.mixed.release()
+            mixer.release()
             metrics.GENERATE_SECONDS.observe(time.monotonic() - start)
             self.sample_memory()
         metrics.GENERATED_TOKENS.inc(produced)

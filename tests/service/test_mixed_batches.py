@@ -115,3 +115,16 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs():
     assert len(set(expected)) > 2  # the sets do change the output
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
+    from service.scheduler import Scheduler
+
+    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
+    for key, item in [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]:
+        s.submit(key, item)
+    assert s.heads() == [("a", 1), ("b", 2), ("c", 4)]
+    taken = s.take_oldest({"a", "b"}, 3)
+    assert [t.item for t in taken] == [1, 2, 3] and not any(t.queued for t in taken)
+    assert s.depth == 2 and s.heads() == [("b", 5), ("c", 4)]
+    assert [t.item for t in s.take_oldest({"b", "c", "zzz"}, 10)] == [4, 5] and s.depth == 0
