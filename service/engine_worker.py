@@ -112,6 +112,7 @@ class Worker(threading.Thread):
         self.active_label = "base"
         self.batches = 0
         self.switches: Counter[str] = Counter()
+        self.switch_clock = 0.0  # seconds spent switching, ever; a row reports the part it lived through
         self._process = psutil.Process()
         self.mixed: MixedBatches | None = None
         if settings.mixed_batches:
@@ -255,12 +256,14 @@ class Worker(threading.Thread):
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
         queue_s = start - p.enqueued
         metrics.QUEUE_SECONDS.observe(queue_s)
+        clock = self.switch_clock  # mixed batches switch the host mid-batch; those seconds count too
 
         def done(row: Row) -> None:
             p.finished = True
             if row.finish_reason == "cancelled":
                 return
-            timings = Timings(queue_s * 1000, switch_s * 1000, (time.monotonic() - start) * 1000)
+            switched = switch_s + self.switch_clock - clock
+            timings = Timings(queue_s * 1000, switched * 1000, (time.monotonic() - start) * 1000)
             p.put(GenerationResult(row.text, len(row.prompt_ids), len(row.tokens), row.finish_reason or "stop",
                                    p.rset.used(), timings))
 
@@ -278,6 +281,7 @@ class Worker(threading.Thread):
             self.cache.pin(plan_key)
         label = rset.label if rset is not None else "base"
         self.active_key, self.active_label = key, label
+        self.switch_clock += result.seconds
         if result.kind != "noop":
             self.switches[result.kind] += 1
             metrics.SWITCH_SECONDS.labels(result.kind).observe(result.seconds)

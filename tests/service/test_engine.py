@@ -110,6 +110,7 @@ def test_mixed_concurrent_sets_equal_their_isolated_outputs(tiny):
     assert len({r.text for r in alone}) == len(alone)  # every set really changes the output
     assert alone[2].adapters == [{"name": "a1", "version": 1, "weight": 0.7}]
     assert alone[0].adapters == [] and alone[0].completion_tokens == 8
+    assert alone[2].timings.switch_ms > 0 and alone[0].timings.switch_ms == 0  # base -> a1 applied, reported
     assert tiny.status()["switches"]["transition"] >= 4
 
 

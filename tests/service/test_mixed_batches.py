@@ -37,12 +37,13 @@ def test_rows_of_many_sets_share_one_batch_and_the_base_is_restored(tiny_mixed):
     sets = [(), ("a1",), ("a2",), ("a3",), ("a1", "a2"), ("a1",)]
 
     async def run():
-        await engine.generate(request(ids, "a1", n=2))  # plans and deltas of a1 cached, a1 in the weights
+        first = await engine.generate(request(ids, "a1", n=2))  # plans and deltas of a1 cached, a1 applied
         batches = engine.status()["batches"]
         results = await asyncio.gather(*(engine.generate(request(ids, *s, n=6)) for s in sets))
-        return results, engine.status()["batches"] - batches
+        return first, results, engine.status()["batches"] - batches
 
-    results, batches = asyncio.run(run())
+    first, results, batches = asyncio.run(run())
+    assert first.timings.switch_ms > 0  # the host switch inside a mixed batch is reported to its rows
     assert batches <= 2  # one mixed batch (a late arrival may start a second), not one per set
     assert [[a["name"] for a in r.adapters] for r in results] == [list(s) for s in sets]
     assert all(r.completion_tokens == 6 for r in results)
