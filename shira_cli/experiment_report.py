@@ -26,7 +26,7 @@ def markdown_tables(results: dict[str, Any], command: str) -> str:
     lines = [
         f"Command: `{command}`",
         "",
-        f"Base model {setup['model']} on {setup['device']} ({setup['torch_threads']} threads); "
+        f"Base model {Path(setup['model']).name} on {setup['device']} ({setup['torch_threads']} threads); "
         f"{setup['steps']} steps of batch {setup['batch_size']} per adapter, lr {setup['lr']:g} "
         f"(LoRA {setup['lora_lr'] or setup['lr']:g}), density {setup['density']:g}, max_len {setup['max_len']}, "
         f"seed {setup['seed']}; held-out exact match on "
@@ -140,7 +140,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("AWOR (pooled)")
     ax.set_ylim(0, 1.1)
     ax.set_title("Orthogonality of adapter pairs")
-    fig.suptitle(f"{results['setup']['model']}: SHiRA vs LoRA, single adapter, fusion, orthogonality", fontsize=11)
+    fig.suptitle(f"{Path(results['setup']['model']).name}: SHiRA vs LoRA, single adapter, fusion, orthogonality",
+                 fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -212,13 +212,13 @@ def bench_train(
 def experiment(
     tasks: Annotated[str, typer.Option(help="Comma-separated demo tasks, two or more: kv2json, sentiment, capitals.")]
     = "sentiment,kv2json",
-    steps: Annotated[int, typer.Option(help="Optimizer steps per adapter.")] = 32,
-    eval_limit: Annotated[int, typer.Option(help="Held-out examples per task.")] = 32,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per adapter.")] = 16,
+    eval_limit: Annotated[int, typer.Option(help="Held-out examples per task.")] = 24,
     seed: Annotated[int, typer.Option(help="Seeds the data, masks, LoRA init and batch order.")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for experiment.json, .md and .png.")] = Path("docs"),
     lr: Annotated[float, typer.Option(help="AdamW learning rate for SHiRA (and LoRA unless --lora-lr).")] = 3e-3,
     lora_lr: Annotated[float | None, typer.Option(help="AdamW learning rate for LoRA.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 4,
     max_len: Annotated[int, typer.Option(help="Max tokens per example.")] = 96,
     density: Annotated[float, typer.Option(help="SHiRA density; LoRA ranks match its count per layer.")] = 0.01,
     calib_batches: Annotated[int, typer.Option(help="Calibration batches for the SNIP mask.")] = 4,
