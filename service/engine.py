@@ -111,13 +111,34 @@ class Engine:
 
     def _on_event(self, event: dict) -> None:
         name = event.get("name", "")
-        if event.get("op") in ("delete", "put") and name:
+        if event.get("op") == "resync":
+            self._resync()
+        elif event.get("op") in ("delete", "put") and name:
             # A put makes a new latest version; a delete (or a delete then re-upload) invalidates all.
             self._latest.pop(name, None)
             if event["op"] == "delete":
-                self._known = {k: v for k, v in self._known.items() if k[0] != name}
-                if self.cache is not None:
-                    self.cache.drop_names([name])
+                self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        self._known = {k: v for k, v in self._known.items() if k[0] != name}
+        if self.cache is not None:
+            self.cache.drop_names([name])
+
+    def _resync(self) -> None:
+        # Events were missed while the subscription was down. Keep only records Redis still holds unchanged,
+        # so a later outage never serves from memory an adapter deleted or replaced in between.
+        for name in set(self._latest) | {n for n, _ in self._known}:
+            latest = self.registry.stamp(name)
+            if latest is None:
+                self._latest.pop(name, None)
+                self._forget(name)
+                continue
+            record = self._latest.get(name)
+            if record is not None and record.stamp != latest:
+                self._latest.pop(name, None)
+            for key, record in [(k, r) for k, r in self._known.items() if k[0] == name]:
+                if self.registry.stamp(name, key[1]) != record.stamp:
+                    self._known.pop(key, None)
 
     # -- requests ------------------------------------------------------------------------------------
 
