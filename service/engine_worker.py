@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,8 +155,7 @@ class Worker(threading.Thread):
         if self.settings.batch_wait_ms > 0 and len(pendings) < cap:
             time.sleep(self.settings.batch_wait_ms / 1000)  # let requests arriving together share the batch
             pendings += [t.item for t in self.scheduler.take(key, cap - len(pendings))]
-        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
-        live = [p for p in pendings if not p.cancelled]
+        live = self._live(pendings)
         if not live:
             return
         try:
@@ -164,56 +164,52 @@ class Worker(threading.Thread):
             for p in live:
                 p.fail(e)
             return
-        start = time.monotonic()
-        members: list[tuple[Row, Pending]] = [(self._row(p, start, switch_s), p) for p in live]
 
-        def admit(room: int) -> list[Row]:
+        def joiners(room: int) -> list:
             # Join the running batch only while no other set is waiting, so joining never delays a switch.
-            if self.stop.is_set() or self.scheduler.depth == 0 or self.scheduler.depth != self.scheduler.depth_of(key):
+            if self.scheduler.depth != self.scheduler.depth_of(key):
                 return []
-            now = time.monotonic()
-            joined = [(self._row(t.item, now, 0.0), t.item) for t in self.scheduler.take(key, room)]
-            joined = [(r, p) for r, p in joined if not p.cancelled]
-            members.extend(joined)
-            metrics.QUEUE_DEPTH.set(self.scheduler.depth)
-            return [r for r, _ in joined]
+            return self.scheduler.take(key, room)
 
-        metrics.BATCH_SIZE.observe(len(members))
-        try:
-            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap)
-        except Exception as e:
-            log.exception("generation failed for %s", live[0].rset.label)
-            for row, p in members:
-                if row.finish_reason is None and not p.finished:
-                    p.fail(e)
-            return
-        finally:
-            self.batches += 1
-            metrics.GENERATE_SECONDS.observe(time.monotonic() - start)
-            self.sample_memory()
-        metrics.GENERATED_TOKENS.inc(produced)
+        self._run_batch(live, switch_s, joiners, guests=None, label=live[0].rset.label)
 
     def _serve_mixed(self, pendings: list[Pending]) -> None:
         """One batch of rows of any mixable sets; requests of mixable sets join between steps."""
-        mixer, cap = self.mixed, self.settings.max_batch_size
+        cap = self.settings.max_batch_size
         if self.settings.batch_wait_ms > 0 and len(pendings) < cap:
             time.sleep(self.settings.batch_wait_ms / 1000)
         keys = self._mixable_keys()
         if keys:
             pendings += [t.item for t in self.scheduler.take_oldest(keys, cap - len(pendings))]
-        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
-        live = [p for p in pendings if not p.cancelled]
+        live = self._live(pendings)
         if not live:
             return
+
+        def joiners(room: int) -> list:
+            # A queued set that cannot mix waits for this batch to drain, so joining never starves it.
+            keys = self._mixable_keys()
+            return self.scheduler.take_oldest(keys, room) if keys else []
+
+        try:
+            self._run_batch(live, 0.0, joiners, guests=self.mixed, label="mixed")
+        finally:
+            self.mixed.release()
+
+    def _live(self, pendings: list[Pending]) -> list[Pending]:
+        metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+        return [p for p in pendings if not p.cancelled]
+
+    def _run_batch(self, live: list[Pending], switch_s: float, joiners: Callable[[int], list],
+                   guests: MixedBatches | None, label: str) -> None:
+        """Decodes `live` as one batch; `joiners(room)` hands over queued tickets that may join between steps."""
         start = time.monotonic()
-        members: list[tuple[Row, Pending]] = [(self._row(p, start, 0.0), p) for p in live]
+        members: list[tuple[Row, Pending]] = [(self._row(p, start, switch_s), p) for p in live]
 
         def admit(room: int) -> list[Row]:
-            # A queued set that cannot mix waits for this batch to drain, so joining never starves it.
-            if self.stop.is_set() or self.scheduler.depth == 0 or not (keys := self._mixable_keys()):
+            if self.stop.is_set() or self.scheduler.depth == 0:
                 return []
             now = time.monotonic()
-            joined = [(self._row(t.item, now, 0.0), t.item) for t in self.scheduler.take_oldest(keys, room)]
+            joined = [(self._row(t.item, now, 0.0), t.item) for t in joiners(room)]
             joined = [(r, p) for r, p in joined if not p.cancelled]
             members.extend(joined)
             metrics.QUEUE_DEPTH.set(self.scheduler.depth)
@@ -221,16 +217,16 @@ class Worker(threading.Thread):
 
         metrics.BATCH_SIZE.observe(len(members))
         try:
-            produced = self.generator.run([r for r, _ in members], admit=admit, max_rows=cap, guests=mixer)
+            rows = [r for r, _ in members]
+            produced = self.generator.run(rows, admit=admit, max_rows=self.settings.max_batch_size, guests=guests)
         except Exception as e:
-            log.exception("mixed generation failed")
+            log.exception("generation failed for %s", label)
             for row, p in members:
                 if row.finish_reason is None and not p.finished:
                     p.fail(e)
             return
         finally:
             self.batches += 1
-            mixer.release()
             metrics.GENERATE_SECONDS.observe(time.monotonic() - start)
             self.sample_memory()
         metrics.GENERATED_TOKENS.inc(produced)
