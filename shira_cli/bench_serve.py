@@ -114,7 +114,9 @@ def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tok
                 params = {}
                 if work.adapters:
                     params["adapter"] = rng.choices(work.adapters, weights)[0] if work.zipf else work.adapters[0]
-                body = {"prompt": PROMPTS[(cid + i) % len(PROMPTS)], "max_new_tokens": max_new_tokens}
+                # Chat prompts asking for long answers, so requests run to max_new_tokens rather than to an early EOS.
+                prompt = PROMPTS[(cid + i) % len(PROMPTS)]
+                body = {"messages": [{"role": "user", "content": prompt}], "max_new_tokens": max_new_tokens}
                 start = time.perf_counter()
                 resp = http.post("/generate", params=params, json=body)
                 elapsed = time.perf_counter() - start
