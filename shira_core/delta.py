@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import AdapterFormatError, IndexOrderError, IndexRangeError, LengthMismatchError, NonFiniteValueError
+
+if TYPE_CHECKING:
+    from .fingerprint import BaseFingerprint
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -161,10 +164,13 @@ class SparseAdapter:
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self)
 
-    def validate(self) -> None:
-        """Runs every intrinsic check on every layer (base checks live in fingerprint.check_compatible)."""
+    def validate(self, base: BaseFingerprint | None = None) -> None:
+        """Runs every intrinsic check on every layer, then, given a base, BaseFingerprint.check (names, shapes,
+        fingerprint)."""
         for delta in self:
             delta.validate(self.name)
+        if base is not None:
+            base.check(self)
 
     def scaled(self, alpha: float, name: str | None = None) -> SparseAdapter:
         deltas = {k: SparseDelta(d.name, d.shape, d.indices, d.values * alpha) for k, d in self.deltas.items()}

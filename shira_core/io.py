@@ -148,9 +148,7 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
         description=str(info.get("description") or ""),
         extra=extra,
     )
-    adapter.validate()
-    if base is not None:
-        base.check(adapter)
+    adapter.validate(base)
     return adapter
 
 

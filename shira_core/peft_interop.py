@@ -202,9 +202,7 @@ def peft_from_bytes(
         description=str(info.get("description") or f"imported from PEFT SHiRA (r={config['r']})"),
         extra=extra,
     )
-    adapter.validate()
-    if base is not None:
-        base.check(adapter)
+    adapter.validate(base)
     return adapter
 
 
