@@ -4,22 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.batch_generation import BatchGenerator, Row
 from service.generation import SamplingParams
-from shira_core.models import resolve
 
 PROMPTS = ["Hello", "The capital of France is", "One two three four five six seven", "a b"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    source = resolve(None)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")

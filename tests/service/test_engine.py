@@ -9,7 +9,7 @@ import uuid
 import pytest
 import redis
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from service import metrics
 from service.config import Settings
@@ -30,17 +30,9 @@ from shira_core.fingerprint import BaseFingerprint
 from shira_core.fusion import fuse_ties
 from shira_core.io import adapter_to_bytes
 from shira_core.masks import rand_mask
-from shira_core.models import linear_weight_names, load_base, resolve
+from shira_core.models import linear_weight_names, load_base
 
 TEST_REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    source = resolve(None)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 def tiny_model(vocab: int) -> LlamaForCausalLM:

@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 import torch
-from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, tokenizer, upload  # noqa: F401
+from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
 
 from service.config import Settings
 from service.embedded_redis import connect

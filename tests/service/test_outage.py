@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 from test_engine import random_adapter, tiny_model
-from transformers import AutoTokenizer
 
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis, connect, start_embedded
@@ -23,20 +22,11 @@ from service.engine import Engine
 from service.main import create_app
 from service.registry import RedisRegistry
 from shira_core.io import adapter_to_bytes
-from shira_core.models import resolve
 
 ADMIN = "outage-admin-" + "x" * 24
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 PROMPT = "Once upon a time"
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    source = resolve(None)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 class Server:

@@ -21,7 +21,6 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from test_engine import random_adapter, tiny_model
-from transformers import AutoTokenizer
 
 from service.config import Settings
 from service.embedded_redis import connect, free_port
@@ -29,19 +28,10 @@ from service.engine import Engine
 from service.main import create_app
 from service.registry import RedisRegistry
 from shira_core.io import adapter_to_bytes
-from shira_core.models import resolve
 
 ADMIN = "replica-admin-" + "x" * 24
 PROMPT = "The weather today is"
 NEW = 8
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    source = resolve(None)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
 
 
 @pytest.fixture(scope="module")
