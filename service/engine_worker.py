@@ -240,14 +240,17 @@ class Worker(threading.Thread):
             keys.add(key)
         return keys
 
-    def _delta(self, key: tuple, rset: ResolvedSet) -> SetDelta:
-        plan = self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)
+    def _delta(self, key: tuple, rset: ResolvedSet, negate: bool) -> SetDelta:
+        plan = self._plan_of(key, rset)
 
         def build() -> tuple[SetDelta, int]:
-            delta = self.mixed.guests.delta(plan)
+            delta = self.mixed.guests.delta(plan, negate=negate)
             return delta, delta.nbytes
 
-        return self.cache.get(("guest", key), build, names=rset.names)
+        return self.cache.get(("guest", key, negate), build, names=rset.names)
+
+    def _plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
+        return self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)
 
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
         queue_s = start - p.enqueued
@@ -271,10 +274,8 @@ class Worker(threading.Thread):
             result = self.switcher.revert()
             self.cache.pin(None)
         else:
-            plan_key = ("plan", key)
-            plan = self.cache.get(plan_key, lambda: self._plan(rset), names=rset.names)
-            result = self.switcher.apply(plan)
-            self.cache.pin(plan_key)
+            result = self.switcher.apply(self._plan_of(key, rset))
+            self.cache.pin(("plan", key))
         label = rset.label if rset is not None else "base"
         self.active_key, self.active_label = key, label
         self.switch_clock += result.seconds

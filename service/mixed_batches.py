@@ -2,8 +2,8 @@
 
 The worker's side of shira_core.guest_rows: it decides which sets may ride as guests, picks the host before
 each decode step (switching the weights when that pays), and hands the generator the guest plan for each
-forward pass. Rows of the host set cost nothing extra; every other row costs one sparse product per layer
-with its set's delta (plus the host's delta, negated, when the host is not the base).
+forward pass. Rows of the host set cost nothing extra; every other row adds its set's delta, and the host's
+delta negated when the host is not the base, to one block-diagonal sparse product per layer.
 """
 
 from __future__ import annotations
@@ -36,19 +36,20 @@ class MixedBatches:
 
     Args:
         guests: the GuestRows bound to the model and the Switcher.
-        delta_for: builds (or fetches from the cache) the SetDelta of a set key and its ResolvedSet.
+        delta_for: builds (or fetches from the cache) the SetDelta of a set: delta_for(key, rset, negate).
         switch: switches the weights to a set key (BASE_KEY: the base); returns seconds spent.
         active: returns the key of the set in the weights now.
         dense_params: the model's adaptable Linear weights, for the guest-size limit.
     """
 
-    def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any], SetDelta],
+    def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any, bool], SetDelta],
                  switch: Callable[[Hashable, Any], float], active: Callable[[], Hashable], dense_params: int) -> None:
         self.guests = guests
         self._delta_for, self._switch, self._active = delta_for, switch, active
         self.max_guest_nnz = dense_params // GUEST_ENTRY_COST
         self._sets: dict[Hashable, Any] = {BASE_KEY: None}
-        self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}
+        self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}  # relative to the base
+        self._negated: dict[Hashable, SetDelta] = {}  # host key -> -d_host
         self._refused: set[Hashable] = set()
         self.host_switches = 0
 
@@ -59,7 +60,7 @@ class MixedBatches:
         if key in self._refused:
             return False
         try:
-            delta = self._delta_for(key, rset)
+            delta = self._delta_for(key, rset, False)
         except GuestSetError as e:
             log.info("set %s runs in batches of its own: %s", key, e)
             self._refused.add(key)
@@ -76,6 +77,7 @@ class MixedBatches:
         for key in [k for k in self._deltas if k not in wanted]:
             self._deltas.pop(key, None)
             self._sets.pop(key, None)
+        self._negated.clear()
 
     def choose_host(self, rows: Sequence[Row]) -> Hashable:
         """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,
@@ -121,10 +123,18 @@ class MixedBatches:
             yield
 
     def _plan(self, rows: Sequence[Row], host: Hashable, prefill: bool):
-        guests = [None if r.set_key == host else self._deltas[r.set_key] for r in rows]
-        if all(g is None for g in guests):
+        terms = [self._terms(r.set_key, host) for r in rows]
+        if not any(terms):
             return None
-        host_delta = None if host == BASE_KEY else self._deltas[host]
-        if prefill:
-            return self.guests.prefill_plan(guests, host_delta)
-        return self.guests.decode_plan(guests, host_delta)
+        return self.guests.prefill_plan(terms) if prefill else self.guests.decode_plan(terms)
+
+    def _terms(self, key: Hashable, host: Hashable) -> tuple[SetDelta, ...]:
+        """The deltas that turn the host's output into this set's: d_key - d_host."""
+        if key == host:
+            return ()
+        own = () if key == BASE_KEY else (self._deltas[key],)
+        if host == BASE_KEY:
+            return own
+        if host not in self._negated:
+            self._negated[host] = self._delta_for(host, self._sets[host], True)
+        return (*own, self._negated[host])

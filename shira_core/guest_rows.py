@@ -2,15 +2,16 @@
 
 The Switcher writes one set H (the host, or nothing: the base) into the weights, so every Linear computes
 W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output rows.
-With d_S = W_S - W0 (sparse: S's indices), W_G - W_H = d_G - d_H, and both deltas come straight from the
-SwitchPlans (adapted - original values; every plan saves the same W0 originals).
+With d_S = W_S - W0 (sparse: S's indices), W_G - W_H = d_G - d_H, merged once per (G, H) into one sparse
+delta straight from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
-Decode (one token per row) runs one sparse matrix-vector product (MKL CSR, int32 indices) per guest row and
-layer, straight from the set's cached CSR matrices, so a batch whose rows change costs no rebuild. Measured on
-CPU with SmolLM2-135M: gather/index_add is 3-4x slower, sparse matrix-matrix products over a set's rows 2x
-slower per entry; one block-diagonal matrix per layer for all rows is a little faster per step but costs
-about one decode step to rebuild whenever a row joins or leaves. Prefill (many tokens per row) runs one
-sparse matrix-matrix product per set and layer, since all tokens of a set share its matrix.
+Decode (one token per row) runs ONE sparse matrix-vector product per layer for the whole batch: the rows'
+deltas sit on the diagonal of a block-diagonal CSR matrix [rows*out, rows*in], applied to the flattened
+inputs. Measured on CPU with SmolLM2-135M, a CSR product costs ~7 us per call plus ~0.7 ns per entry, and
+a layer's delta has only 1-9 thousand entries, so one call per layer instead of one per guest row and layer
+cuts the correction from ~25% of a decode step to a few percent. The matrix is rebuilt only when the batch's
+rows or the host change. Prefill (many tokens per row) runs one sparse matrix-matrix product per set and
+layer, since all tokens of a set share its matrix.
 """
 
 from __future__ import annotations
@@ -62,14 +63,14 @@ class _Layer:
 @dataclass
 class _DecodePlan:
     rows: int
-    terms: list[list[tuple[int, torch.Tensor, float]]]  # per layer: (row, CSR matrix, +1 for d_G / -1 for d_H)
+    depth: int  # deltas per row, at most: the matrices have depth * rows block rows
+    matrices: list[torch.Tensor | None]  # per layer: block-diagonal CSR [depth * rows * out, rows * in], or None
 
 
 @dataclass
 class _PrefillPlan:
     rows: int
-    # per layer: (row indices, CSR matrix, sign) for each set present among the guest rows
-    products: list[list[tuple[torch.Tensor, torch.Tensor, float]]]
+    products: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (row indices, CSR matrix) per set
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -119,6 +120,8 @@ class GuestRows:
             starts = torch.tensor([s[0] for s in items], dtype=torch.int64)
             self._spans[gid] = (starts, [s[2] for s in items], [s[3] for s in items])
         self._offsets = {name: switcher._slots[name].offset for name in switcher._params}  # noqa: SLF001
+        params = list(switcher._params.values())  # noqa: SLF001
+        self.device = params[0].device if params else torch.device("cpu")
 
     def close(self) -> None:
         """Removes the hooks."""
@@ -129,8 +132,8 @@ class GuestRows:
     # -- deltas ----------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def delta(self, plan: SwitchPlan) -> SetDelta:
-        """The plan's adapted weights minus the originals, per Linear layer as CSR.
+    def delta(self, plan: SwitchPlan, negate: bool = False) -> SetDelta:
+        """The plan's adapted weights minus the base weights (or the reverse, with negate), per Linear layer.
 
         Raises:
             GuestSetError: the plan changes a weight that is not only used as an nn.Linear weight
@@ -142,7 +145,7 @@ class GuestRows:
             index = part.index.cpu()
             seg = torch.searchsorted(starts, index, right=True) - 1
             which, counts = torch.unique_consecutive(seg, return_counts=True)
-            values = (part.adapted - part.original).cpu()
+            values = (part.original - part.adapted) if negate else (part.adapted - part.original)
             pos = 0
             for s, n in zip(which.tolist(), counts.tolist(), strict=True):
                 lid, name = lids[s], names[s]
@@ -158,49 +161,64 @@ class GuestRows:
                 crow[1:] = torch.bincount(row, minlength=layer.out_features).cumsum(0)
                 device = part.index.device
                 crow32, col32 = crow.to(device, torch.int32), col.to(device, torch.int32)
-                vals = values[pos : pos + n].to(device)
+                vals = values[pos : pos + n]
                 shape = (layer.out_features, layer.in_features)
                 layers[lid] = _LayerDelta(crow32, col32, vals, _csr(crow32, col32, vals, shape))
                 pos += n
-        return SetDelta(plan.label, layers, plan.nnz)
+        return SetDelta(f"-{plan.label}" if negate else plan.label, layers, plan.nnz)
 
     # -- plans -----------------------------------------------------------------------------------------
 
-    def decode_plan(self, guests: Sequence[SetDelta | None], host: SetDelta | None) -> _DecodePlan:
-        """The plan for decode steps: guests[r] is row r's delta, None for rows of the host set.
+    def decode_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _DecodePlan:
+        """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
         Cached: asking again with the same deltas in the same order returns the built plan.
         """
-        key = (tuple(guests), host)  # identity: SetDelta compares by object
+        key = tuple(tuple(t) for t in terms)  # identity: SetDelta compares by object
         if key != self._decode_key:
-            terms: list[list[tuple[int, torch.Tensor, float]]] = [[] for _ in self.layers]
-            for r, g in enumerate(guests):
-                if g is None:
-                    continue
-                for lid, d in g.layers.items():
-                    terms[lid].append((r, d.matrix, 1.0))
-                if host is not None:
-                    for lid, d in host.layers.items():
-                        terms[lid].append((r, d.matrix, -1.0))
-            self._decode, self._decode_key = _DecodePlan(len(guests), terms), key
+            self._decode, self._decode_key = self._build_decode(key), key
         return self._decode
 
-    def prefill_plan(self, guests: Sequence[SetDelta | None], host: SetDelta | None) -> _PrefillPlan:
-        """The plan for a prefill pass over len(guests) rows of any number of tokens each."""
+    def _build_decode(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _DecodePlan:
+        # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
+        rows, depth = len(terms), max((len(t) for t in terms), default=0)
+        blocks = [t[k] if k < len(t) else None for t in terms for k in range(depth)]
+        matrices: list[torch.Tensor | None] = []
+        for lid, layer in enumerate(self.layers):
+            parts = [(v // depth, d.layers[lid]) for v, d in enumerate(blocks) if d is not None and lid in d.layers]
+            if not parts:
+                matrices.append(None)
+                continue
+            crows, cols, values = [], [], []
+            nnz, filled = 0, 0  # entries so far; block rows whose crow is written
+            for v, d in enumerate(blocks):
+                part = d.layers.get(lid) if d is not None else None
+                if part is None:
+                    continue
+                if v > filled:
+                    crows.append(part.crow.new_full(((v - filled) * layer.out_features,), nnz))  # empty blocks
+                crows.append(part.crow[:-1] + nnz)
+                cols.append(part.col + (v // depth) * layer.in_features)
+                values.append(part.values)
+                nnz += part.values.numel()
+                filled = v + 1
+            crows.append(parts[0][1].crow.new_full(((len(blocks) - filled) * layer.out_features + 1,), nnz))
+            shape = (len(blocks) * layer.out_features, rows * layer.in_features)
+            matrices.append(_csr(torch.cat(crows), torch.cat(cols), torch.cat(values), shape))
+        return _DecodePlan(rows, depth, matrices)
+
+    def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _PrefillPlan:
+        """The plan for a prefill pass over len(terms) rows of any number of tokens each."""
         by_set: dict[int, tuple[SetDelta, list[int]]] = {}
-        for r, g in enumerate(guests):
-            if g is not None:
-                by_set.setdefault(id(g), (g, []))[1].append(r)
-        products: list[list[tuple[torch.Tensor, torch.Tensor, float]]] = [[] for _ in self.layers]
-        all_guests = [r for r, g in enumerate(guests) if g is not None]
-        terms = [(d, rows, 1.0) for d, rows in by_set.values()]
-        if host is not None and all_guests:
-            terms.append((host, all_guests, -1.0))
-        for d, rows, sign in terms:
+        for r, deltas in enumerate(terms):
+            for d in deltas:
+                by_set.setdefault(id(d), (d, []))[1].append(r)
+        products: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
+        for d, rows in by_set.values():
             index = torch.tensor(rows, dtype=torch.long)
             for lid, layer in d.layers.items():
-                products[lid].append((index, layer.matrix, sign))
-        return _PrefillPlan(len(guests), products)
+                products[lid].append((index, layer.matrix))
+        return _PrefillPlan(len(terms), products)
 
     @contextlib.contextmanager
     def active(self, plan: _DecodePlan | _PrefillPlan | None) -> Iterator[None]:
@@ -225,16 +243,19 @@ class GuestRows:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _DecodePlan):
-            terms = plan.terms[lid]
-            if terms:
-                xs = x.reshape(plan.rows, -1).unbind(0)  # one token per row
-                outs = out.view(plan.rows, -1).unbind(0)
-                for r, matrix, alpha in terms:
-                    outs[r].addmv_(matrix, xs[r], alpha=alpha)
+            matrix = plan.matrices[lid]
+            if matrix is None:
+                return
+            flat = out.view(-1)  # one token per row: all rows' corrections in one product
+            if plan.depth == 1:
+                flat.addmv_(matrix, x.reshape(-1).to(matrix.dtype))
+            else:
+                y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
+                flat.add_(y.view(plan.rows, plan.depth, -1).sum(1).view(-1))
             return
         layer = self.layers[lid]
-        for rows, matrix, sign in plan.products[lid]:
-            xs = x.index_select(0, rows.to(x.device)).reshape(-1, layer.in_features)
+        for rows, matrix in plan.products[lid]:
+            rows = rows.to(x.device)
+            xs = x.index_select(0, rows).reshape(-1, layer.in_features)
             ys = torch.mm(matrix, xs.t().to(matrix.dtype)).t()  # [rows * tokens, out]
-            out.index_add_(0, rows.to(out.device), ys.reshape(len(rows), *out.shape[1:]).to(out.dtype), alpha=sign)
-
+            out.index_add_(0, rows, ys.reshape(len(rows), *out.shape[1:]).to(out.dtype))

@@ -56,21 +56,20 @@ def isolated(model, switcher, plans, sets: list[int | None], ids: torch.Tensor) 
 @pytest.mark.parametrize("host", [None, 0, 3])
 def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
     model, switcher, guests, plans, snapshot = bound
-    deltas = [guests.delta(p) for p in plans]
     sets = [0, None, 1, 0, 2, 3, 3, None]  # None: base rows
     ids = torch.randint(0, 64, (len(sets), 6), generator=torch.Generator().manual_seed(1))
     expected = isolated(model, switcher, plans, sets, ids)
     expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
-    base = deltas[0].__class__("base", {}, 0)
-    row_deltas = [base if s is None else deltas[s] for s in sets]
     if host is not None:
         switcher.apply(plans[host])
-    host_delta = None if host is None else deltas[host]
-    guest_list = [None if s == host else d for s, d in zip(sets, row_deltas, strict=True)]
+    # A row of set S under host H needs d_S - d_H: its own delta plus the host's, negated.
+    deltas = [guests.delta(p) for p in plans]
+    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
+    row_deltas = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
 
-    with guests.active(guests.prefill_plan(guest_list, host_delta)):
+    with guests.active(guests.prefill_plan(row_deltas)):
         mixed = logits(model, ids)  # many tokens per row: the prefill plan
-    with guests.active(guests.decode_plan(guest_list, host_delta)):
+    with guests.active(guests.decode_plan(row_deltas)):
         mixed_last = logits(model, ids[:, -1:])  # one token per row: the decode plan
     plain = logits(model, ids)
     switcher.revert()
@@ -87,11 +86,11 @@ def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
     delta = guests.delta(plans[0])
-    plan = guests.decode_plan([delta, None], None)
-    assert guests.decode_plan([delta, None], None) is plan  # same composition: the built plan again
-    assert guests.decode_plan([None, delta], None) is not plan
+    plan = guests.decode_plan([(delta,), ()])
+    assert guests.decode_plan([(delta,), ()]) is plan  # same composition: the built plan again
+    assert guests.decode_plan([(), (delta,)]) is not plan
     guests.close()
-    with guests.active(guests.prefill_plan([delta, delta], None)):
+    with guests.active(guests.prefill_plan([(delta,), (delta,)])):
         after = logits(model, ids)  # hooks removed: the plan has no effect
     assert torch.equal(before, after)
 
@@ -99,7 +98,7 @@ def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
 def test_a_plan_for_another_row_count_is_refused(bound):
     model, _, guests, plans, _ = bound
     delta = guests.delta(plans[1])
-    with guests.active(guests.decode_plan([delta, None, None], None)), pytest.raises(RuntimeError, match="3 rows"):
+    with guests.active(guests.decode_plan([(delta,), (), ()])), pytest.raises(RuntimeError, match="3 rows"):
         logits(model, torch.zeros(2, 1, dtype=torch.long))
 
 
@@ -121,3 +120,11 @@ def test_delta_holds_exactly_the_plan_entries(bound):
         layer = guests.layers[lid]
         assert d.matrix.shape == params[layer.name].shape
         assert d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
+
+
+def test_a_negated_delta_undoes_the_delta(bound):
+    _, _, guests, plans, _ = bound
+    delta, negated = guests.delta(plans[3]), guests.delta(plans[3], negate=True)
+    assert delta.layers.keys() == negated.layers.keys() and negated.nnz == delta.nnz
+    for lid, d in delta.layers.items():
+        torch.testing.assert_close(negated.layers[lid].matrix.to_dense(), -d.matrix.to_dense())
