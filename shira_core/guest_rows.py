@@ -70,7 +70,7 @@ class _DecodePlan:
 @dataclass
 class _PrefillPlan:
     rows: int
-    products: list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (row indices, CSR matrix) per set
+    products: list[list[tuple[int, int, torch.Tensor]]]  # per layer: (first row, end row, CSR matrix) per run
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -208,16 +208,24 @@ class GuestRows:
         return _DecodePlan(rows, depth, matrices)
 
     def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _PrefillPlan:
-        """The plan for a prefill pass over len(terms) rows of any number of tokens each."""
-        by_set: dict[int, tuple[SetDelta, list[int]]] = {}
+        """The plan for a prefill pass over len(terms) rows of any number of tokens each.
+
+        Consecutive rows with the same delta form one run: one sparse product over all their tokens, read and
+        written in place (gathering rows by set instead costs more in copies than it saves in products).
+        """
+        runs: list[tuple[int, int, SetDelta]] = []
         for r, deltas in enumerate(terms):
             for d in deltas:
-                by_set.setdefault(id(d), (d, []))[1].append(r)
-        products: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in self.layers]
-        for d, rows in by_set.values():
-            index = torch.tensor(rows, dtype=torch.long)
+                same = [i for i, (_, end, prev) in enumerate(runs) if end == r and prev is d]
+                if same:
+                    start, _, _ = runs[same[0]]
+                    runs[same[0]] = (start, r + 1, d)
+                else:
+                    runs.append((r, r + 1, d))
+        products: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in self.layers]
+        for start, end, d in runs:
             for lid, layer in d.layers.items():
-                products[lid].append((index, layer.matrix))
+                products[lid].append((start, end, layer.matrix))
         return _PrefillPlan(len(terms), products)
 
     @contextlib.contextmanager
@@ -254,8 +262,7 @@ class GuestRows:
                 flat.add_(y.view(plan.rows, plan.depth, -1).sum(1).view(-1))
             return
         layer = self.layers[lid]
-        for rows, matrix in plan.products[lid]:
-            rows = rows.to(x.device)
-            xs = x.index_select(0, rows).reshape(-1, layer.in_features)
-            ys = torch.mm(matrix, xs.t().to(matrix.dtype)).t()  # [rows * tokens, out]
-            out.index_add_(0, rows, ys.reshape(len(rows), *out.shape[1:]).to(out.dtype))
+        for start, end, matrix in plan.products[lid]:
+            xs = x[start:end].reshape(-1, layer.in_features)  # [rows * tokens, in], a view
+            ys = torch.mm(matrix, xs.t().to(matrix.dtype))  # [out, rows * tokens]
+            out[start:end].view(-1, layer.out_features).add_(ys.t().to(out.dtype))
