@@ -38,6 +38,7 @@ class _LayerDelta:
     col: torch.Tensor  # int32 [nnz]
     values: torch.Tensor  # weight dtype [nnz]: adapted - original
     matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
+    counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
 
 
 @dataclass(eq=False)
@@ -122,6 +123,7 @@ class GuestRows:
         self._offsets = {name: switcher._slots[name].offset for name in switcher._params}  # noqa: SLF001
         params = list(switcher._params.values())  # noqa: SLF001
         self.device = params[0].device if params else torch.device("cpu")
+        self._no_entries = [torch.zeros(x.out_features, dtype=torch.int32, device=self.device) for x in self.layers]
 
     def close(self) -> None:
         """Removes the hooks."""
@@ -163,7 +165,8 @@ class GuestRows:
                 crow32, col32 = crow.to(device, torch.int32), col.to(device, torch.int32)
                 vals = values[pos : pos + n]
                 shape = (layer.out_features, layer.in_features)
-                layers[lid] = _LayerDelta(crow32, col32, vals, _csr(crow32, col32, vals, shape))
+                matrix = _csr(crow32, col32, vals, shape)
+                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff())
                 pos += n
         return SetDelta(f"-{plan.label}" if negate else plan.label, layers, plan.nnz)
 
@@ -189,22 +192,18 @@ class GuestRows:
             if not parts:
                 matrices.append(None)
                 continue
-            crows, cols, values = [], [], []
-            nnz, filled = 0, 0  # entries so far; block rows whose crow is written
+            counts, cols, values = [self._no_entries[0][:1]], [], []  # crow = cumsum of [0, entries per row]
             for v, d in enumerate(blocks):
                 part = d.layers.get(lid) if d is not None else None
                 if part is None:
+                    counts.append(self._no_entries[lid])
                     continue
-                if v > filled:
-                    crows.append(part.crow.new_full(((v - filled) * layer.out_features,), nnz))  # empty blocks
-                crows.append(part.crow[:-1] + nnz)
+                counts.append(part.counts)
                 cols.append(part.col + (v // depth) * layer.in_features)
                 values.append(part.values)
-                nnz += part.values.numel()
-                filled = v + 1
-            crows.append(parts[0][1].crow.new_full(((len(blocks) - filled) * layer.out_features + 1,), nnz))
+            crow = torch.cat(counts).cumsum(0, dtype=torch.int32)
             shape = (len(blocks) * layer.out_features, rows * layer.in_features)
-            matrices.append(_csr(torch.cat(crows), torch.cat(cols), torch.cat(values), shape))
+            matrices.append(_csr(crow, torch.cat(cols), torch.cat(values), shape))
         return _DecodePlan(rows, depth, matrices)
 
     def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _PrefillPlan:
