@@ -220,7 +220,7 @@ def upload_adapter(
         "description": adapter.description,
         "base_fingerprint": engine.fingerprint.id,
     }
-    return registry.put(name, blob, info), True
+    return registry.put(name, blob, info, if_absent=if_absent), True
 
 
 def list_adapters(registry: Any, offset: int, limit: int) -> tuple[list[Any], int]:

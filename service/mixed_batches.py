@@ -73,12 +73,13 @@ class MixedBatches:
         return True
 
     def release(self) -> None:
-        """Forgets the deltas of sets other than the host's (the adapter cache still holds them)."""
+        """Forgets the decode plan and the deltas of sets other than the host's (the adapter cache keeps them)."""
         wanted = {BASE_KEY, self._active()}
         for key in [k for k in self._deltas if k not in wanted]:
             self._deltas.pop(key, None)
             self._sets.pop(key, None)
         self._negated.clear()
+        self.guests.forget_plans()
 
     def choose_host(self, rows: Sequence[Row]) -> Hashable:
         """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,

@@ -33,7 +33,13 @@ from typing import Any
 
 import redis
 
-from .errors import AdapterNotFoundError, InvalidRequestError, RegistryUnavailableError, ServiceError
+from .errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    RegistryUnavailableError,
+    ServiceError,
+)
 from .generation import NAME_RE
 from .registry_events import RegistryListener
 from .registry_scripts import COMMIT, DELETE, RECORD, STAMP
@@ -170,7 +176,7 @@ class RedisRegistry:
     # -- writing -----------------------------------------------------------------------------------------
 
     @_guarded
-    def put(self, name: str, data: bytes, info: dict) -> AdapterRecord:
+    def put(self, name: str, data: bytes, info: dict, if_absent: bool = False) -> AdapterRecord:
         """Stores ``data`` as version n+1 of ``name`` and publishes a ``put`` event.
 
         Args:
@@ -178,9 +184,14 @@ class RedisRegistry:
             data: native shira safetensors bytes, already validated by the caller.
             info: ``nnz``, ``density``, ``layers``, ``base_fingerprint``; optional ``mask``,
                 ``description``.
+            if_absent: store only when ``name`` has no version yet, checked inside the commit so that of two
+                racing uploads exactly one wins.
 
         Returns:
             The new record.
+
+        Raises:
+            AdapterConflictError: if_absent and the name exists.
         """
         check_name(name)
         if not data:
@@ -196,10 +207,16 @@ class RedisRegistry:
             upload = uuid.uuid4().hex
             written = self.write_pending(upload, data, chunks, skip_stored=not rewrite)
             try:
-                result = self._commit(args=[self.prefix, name, upload, json.dumps(flat), *unique])
+                flag = "1" if if_absent else "0"
+                result = self._commit(args=[self.prefix, name, upload, json.dumps(flat), flag, *unique])
             except BaseException:
                 self._drop_pending(upload, written)
                 raise
+            if int(result[0]) == -2:
+                self._drop_pending(upload, written)
+                raise AdapterConflictError(
+                    f"adapter {name!r} already exists (version {int(result[1])}); drop if_absent to add a new version"
+                )
             if int(result[0]) > 0:
                 # Built here rather than read back: a delete may already have removed it again.
                 return AdapterRecord.from_fields({**fields, "version": result[0]})

@@ -5,11 +5,15 @@ Redis node, not a cluster.
 """
 
 COMMIT = """
-local p, name, uid = ARGV[1], ARGV[2], ARGV[3]
+local p, name, uid, if_absent = ARGV[1], ARGV[2], ARGV[3], ARGV[5]
 local fields = cjson.decode(ARGV[4])
 local shas = {}
-for i = 5, #ARGV do shas[#shas + 1] = ARGV[i] end
+for i = 6, #ARGV do shas[#shas + 1] = ARGV[i] end
 -- check everything before writing anything: a failed script must leave no trace
+if if_absent == '1' then
+  local latest = redis.call('ZRANGE', p .. 'versions:' .. name, -1, -1)
+  if #latest > 0 then return {-2, latest[1]} end
+end
 for _, sha in ipairs(shas) do
   if redis.call('EXISTS', p .. 'pending:' .. uid .. ':' .. sha) == 0
      and redis.call('EXISTS', p .. 'blob:' .. sha) == 0 then

@@ -2,16 +2,16 @@
 
 The Switcher writes one set H (the host, or nothing: the base) into the weights, so every Linear computes
 W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output rows.
-With d_S = W_S - W0 (sparse: S's indices), W_G - W_H = d_G - d_H, merged once per (G, H) into one sparse
-delta straight from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
+With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, both built once per set straight
+from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
 Decode (one token per row) runs ONE sparse matrix-vector product per layer for the whole batch: the rows'
-deltas sit on the diagonal of a block-diagonal CSR matrix [rows*out, rows*in], applied to the flattened
-inputs. Measured on CPU with SmolLM2-135M, a CSR product costs ~7 us per call plus ~0.7 ns per entry, and
-a layer's delta has only 1-9 thousand entries, so one call per layer instead of one per guest row and layer
-cuts the correction from ~25% of a decode step to a few percent. The matrix is rebuilt only when the batch's
-rows or the host change. Prefill (many tokens per row) runs one sparse matrix-matrix product per set and
-layer, since all tokens of a set share its matrix.
+deltas sit on the diagonal of a block-diagonal CSR matrix, applied to the flattened inputs. A CSR product
+costs ~7 us per call on CPU and a layer's delta has only 1-9 thousand entries, so one call per layer instead
+of one per guest row and layer is what keeps small models fast; the entries themselves then cost ~4 ns each
+while serving (cold in cache after the dense weights stream through). The matrix is rebuilt only when the
+batch's rows or the host change. Prefill (many tokens per row) runs one sparse matrix-matrix product per run
+of consecutive rows with the same delta.
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
 class GuestRows:
     """Forward hooks on a model's Linear layers that correct chosen batch rows to their own adapter set.
 
-    Bind once after the Switcher. The hooks do nothing until a plan is made active with `decoding` or
-    `prefilling`, so plain forward passes cost one Python call per Linear.
+    Bind once after the Switcher. The hooks do nothing until a plan is made active with `active(plan)`, so
+    plain forward passes cost one Python call per Linear.
 
     Args:
         model: the model the Switcher is bound to.
@@ -182,14 +182,17 @@ class GuestRows:
             self._decode, self._decode_key = self._build_decode(key), key
         return self._decode
 
+    def forget_plans(self) -> None:
+        """Drops the cached decode plan (it holds a copy of every row's delta)."""
+        self._decode = self._decode_key = None
+
     def _build_decode(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _DecodePlan:
         # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
         rows, depth = len(terms), max((len(t) for t in terms), default=0)
         blocks = [t[k] if k < len(t) else None for t in terms for k in range(depth)]
         matrices: list[torch.Tensor | None] = []
         for lid, layer in enumerate(self.layers):
-            parts = [(v // depth, d.layers[lid]) for v, d in enumerate(blocks) if d is not None and lid in d.layers]
-            if not parts:
+            if not any(d is not None and lid in d.layers for d in blocks):
                 matrices.append(None)
                 continue
             counts, cols, values = [self._no_entries[0][:1]], [], []  # crow = cumsum of [0, entries per row]

@@ -16,7 +16,12 @@ import redis
 import torch
 
 from service.embedded_redis import connect
-from service.errors import AdapterNotFoundError, InvalidRequestError, RegistryUnavailableError
+from service.errors import (
+    AdapterConflictError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    RegistryUnavailableError,
+)
 from service.registry import RedisRegistry, RegistryIntegrityError
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.io import adapter_from_bytes, adapter_to_bytes
@@ -229,7 +234,7 @@ def test_commit_refuses_when_a_stored_chunk_vanished(
 
     registry.delete("doomed")  # ...and now it is gone
     flat = json.dumps(["name", "late", "sha256", "x"])
-    result = registry._commit(args=[registry.prefix, "late", "late-upload", flat, *registry.chunk_shas(data)])
+    result = registry._commit(args=[registry.prefix, "late", "late-upload", flat, "0", *registry.chunk_shas(data)])
 
     assert int(result[0]) == -1
     assert ns_keys() == set()  # nothing half-written
@@ -277,6 +282,35 @@ def test_concurrent_uploads_of_one_name_get_distinct_versions(redis_client: redi
     for version, data in results.items():
         assert registry.read(registry.record("busy", version)) == data
     assert_consistent(redis_client, namespace)
+
+
+def test_racing_if_absent_uploads_store_exactly_one(redis_client: redis.Redis, namespace: str) -> None:
+    registry = RedisRegistry(redis_client, namespace=namespace, chunk_bytes=64)
+    payloads = [os.urandom(200) for _ in range(8)]
+    barrier = threading.Barrier(len(payloads))
+    won: list[bytes] = []
+    refused: list[str] = []
+
+    def upload(data: bytes) -> None:
+        barrier.wait()
+        try:
+            registry.put("once", data, INFO, if_absent=True)
+            won.append(data)
+        except AdapterConflictError as e:
+            refused.append(str(e))
+
+    threads = [threading.Thread(target=upload, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+
+    assert len(won) == 1 and len(refused) == 7
+    assert all("'once' already exists (version 1)" in e for e in refused)
+    assert registry.read(registry.record("once")) == won[0]
+    assert [r.version for r in registry.versions("once")] == [1]
+    assert_consistent(redis_client, namespace)
+    assert not list(redis_client.scan_iter(match=namespace + ":pending:*"))  # the losers left no chunks behind
 
 
 def test_racing_uploads_and_deletes_keep_the_store_consistent(
