@@ -170,6 +170,9 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
     out["mixed_vs_single"] = round(out["mixed_tokens_per_s"] / out["single_tokens_per_s"], 3)
     out["single_vs_base"] = round(out["single_tokens_per_s"] / out["base_tokens_per_s"], 3)
     out["eight_vs_one_client"] = round(out["single_tokens_per_s"] / out["one_tokens_per_s"], 3)
+    # Each round's own ratio too: rounds share the machine's state, so their spread shows the noise.
+    pairs = zip(samples["mixed"], samples["single"], strict=True)
+    out["mixed_vs_single_by_round"] = [round(m["tokens_per_s"] / s["tokens_per_s"], 3) for m, s in pairs]
     return out
 
 
@@ -183,6 +186,7 @@ def _report(result: dict) -> str:
               ("8 clients / 1 client >= 3", result["eight_vs_one_client"], 3.0)]
     lines.append("")
     lines += [f"[{'ok' if value >= target else 'MISS'}] {label}: {value:.3f}" for label, value, target in checks]
+    lines.append("mixed / single by round: " + ", ".join(f"{r:.3f}" for r in result["mixed_vs_single_by_round"]))
     return "\n".join(lines)
 
 
