@@ -163,7 +163,12 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
             samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
             rate = samples[work.name][-1]["tokens_per_s"]
             typer.echo(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s", err=True)
-    out: dict[str, float] = {}
+    return summarize(samples)
+
+
+def summarize(samples: dict[str, list[dict]]) -> dict:
+    """Medians over rounds per workload, the three target ratios, and each round's mixed/single ratio."""
+    out: dict = {}
     for name, runs in samples.items():
         for key in ("tokens_per_s", "p50_ms", "p99_ms"):
             out[f"{name}_{key}"] = round(statistics.median(r[key] for r in runs), 2)

@@ -1,0 +1,28 @@
+"""`shira bench serve`'s summary: medians over rounds, the target ratios and the per-round ratios."""
+
+from __future__ import annotations
+
+from shira_cli.bench_serve import _report, summarize
+
+
+def run(rate: float, p50: float = 1000.0) -> dict:
+    return {"tokens_per_s": rate, "p50_ms": p50, "p99_ms": 2 * p50, "tokens": 256}
+
+
+def test_summary_takes_medians_and_ratios_of_medians_and_keeps_each_rounds_ratio():
+    samples = {
+        "base": [run(40), run(44), run(30)],
+        "single": [run(40), run(42), run(20)],
+        "mixed": [run(36), run(30), run(19)],
+        "one": [run(10), run(12), run(11)],
+    }
+    out = summarize(samples)
+    assert out["single_tokens_per_s"] == 40 and out["mixed_tokens_per_s"] == 30
+    assert out["mixed_vs_single"] == 0.75
+    assert out["single_vs_base"] == round(40 / 40, 3)
+    assert out["eight_vs_one_client"] == round(40 / 11, 3)
+    assert out["mixed_vs_single_by_round"] == [0.9, round(30 / 42, 3), 0.95]
+    text = _report(out)
+    assert "[MISS] mixed / single >= 0.85: 0.750" in text
+    assert "[ok] 8 clients / 1 client >= 3: 3.636" in text
+    assert "mixed / single by round: 0.900, 0.714, 0.950" in text
