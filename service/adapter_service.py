@@ -206,6 +206,7 @@ def upload_adapter(
         adapter.base_fingerprint = engine.fingerprint.to_dict(adapter.deltas)
     blob = adapter_to_bytes(adapter)
     existing = latest_record(registry, name)
+    # Refused here before any chunk is written; the commit script settles uploads that race past this check.
     if existing is not None and if_absent:
         raise AdapterConflictError(
             f"adapter {name!r} already exists (version {existing.version}); drop if_absent to add a new version"

@@ -241,13 +241,19 @@ class Worker(threading.Thread):
         return keys
 
     def _delta(self, key: tuple, rset: ResolvedSet, negate: bool) -> SetDelta:
-        plan = self._plan_of(key, rset)
-
         def build() -> tuple[SetDelta, int]:
-            delta = self.mixed.guests.delta(plan, negate=negate)
+            delta = self.mixed.guests.delta(self._plan_of(key, rset))
             return delta, delta.nbytes
 
-        return self.cache.get(("guest", key, negate), build, names=rset.names)
+        delta = self.cache.get(("guest", key, False), build, names=rset.names)
+        if not negate:
+            return delta
+
+        def build_negated() -> tuple[SetDelta, int]:
+            negated = delta.negated()  # shares the index arrays with `delta`; only the values are new
+            return negated, sum(d.values.numel() * d.values.element_size() for d in negated.layers.values())
+
+        return self.cache.get(("guest", key, True), build_negated, names=rset.names)
 
     def _plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
         return self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)

@@ -53,6 +53,14 @@ class SetDelta:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in self.layers.values() for t in (d.crow, d.col, d.values))
 
+    def negated(self) -> SetDelta:
+        """-delta: new values, the same index arrays (shared, not copied)."""
+        layers = {}
+        for lid, d in self.layers.items():
+            values = d.values.neg()
+            layers[lid] = _LayerDelta(d.crow, d.col, values, _csr(d.crow, d.col, values, d.matrix.shape), d.counts)
+        return SetDelta(f"-{self.label}", layers, self.nnz)
+
 
 @dataclass
 class _Layer:
@@ -124,6 +132,7 @@ class GuestRows:
         params = list(switcher._params.values())  # noqa: SLF001
         self.device = params[0].device if params else torch.device("cpu")
         self._no_entries = [torch.zeros(x.out_features, dtype=torch.int32, device=self.device) for x in self.layers]
+        self._zero = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     def close(self) -> None:
         """Removes the hooks."""
@@ -147,7 +156,7 @@ class GuestRows:
             index = part.index.cpu()
             seg = torch.searchsorted(starts, index, right=True) - 1
             which, counts = torch.unique_consecutive(seg, return_counts=True)
-            values = (part.original - part.adapted) if negate else (part.adapted - part.original)
+            values = part.adapted - part.original
             pos = 0
             for s, n in zip(which.tolist(), counts.tolist(), strict=True):
                 lid, name = lids[s], names[s]
@@ -168,7 +177,8 @@ class GuestRows:
                 matrix = _csr(crow32, col32, vals, shape)
                 layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff())
                 pos += n
-        return SetDelta(f"-{plan.label}" if negate else plan.label, layers, plan.nnz)
+        delta = SetDelta(plan.label, layers, plan.nnz)
+        return delta.negated() if negate else delta
 
     # -- plans -----------------------------------------------------------------------------------------
 
@@ -195,7 +205,7 @@ class GuestRows:
             if not any(d is not None and lid in d.layers for d in blocks):
                 matrices.append(None)
                 continue
-            counts, cols, values = [self._no_entries[0][:1]], [], []  # crow = cumsum of [0, entries per row]
+            counts, cols, values = [self._zero], [], []  # crow = cumsum of [0, entries per row]
             for v, d in enumerate(blocks):
                 part = d.layers.get(lid) if d is not None else None
                 if part is None:
@@ -215,15 +225,18 @@ class GuestRows:
         Consecutive rows with the same delta form one run: one sparse product over all their tokens, read and
         written in place (gathering rows by set instead costs more in copies than it saves in products).
         """
-        runs: list[tuple[int, int, SetDelta]] = []
+        runs: list[list] = []  # [first row, end row, delta]
+        open_runs: dict[int, list] = {}  # id(delta) -> its run, if that run reaches the previous row
         for r, deltas in enumerate(terms):
+            reaching = {}
             for d in deltas:
-                same = [i for i, (_, end, prev) in enumerate(runs) if end == r and prev is d]
-                if same:
-                    start, _, _ = runs[same[0]]
-                    runs[same[0]] = (start, r + 1, d)
-                else:
-                    runs.append((r, r + 1, d))
+                run = open_runs.get(id(d))
+                if run is None:
+                    run = [r, r, d]
+                    runs.append(run)
+                run[1] = r + 1
+                reaching[id(d)] = run
+            open_runs = reaching
         products: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in self.layers]
         for start, end, d in runs:
             for lid, layer in d.layers.items():
