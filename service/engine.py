@@ -37,6 +37,7 @@ from .errors import (
 )
 from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
 from .scheduler import Scheduler
+from .torch_thread import run_torch
 
 log = logging.getLogger(__name__)
 
@@ -237,8 +238,9 @@ class Engine:
             raise EngineUnavailableError("the engine is not running (starting or stopped); retry in a moment")
         self._check_request(request)
         rset = await self._resolve(request.adapters)
-        # Decode missing adapters off the worker thread, so the worker never waits on Redis.
-        await asyncio.gather(*(asyncio.to_thread(self.cache.adapter, rec) for rec, _ in rset.items))
+        # Decode missing adapters off the worker thread, so the worker never waits on Redis; on a thread that
+        # exits afterwards, so no second OpenMP pool outlives it (see service.torch_thread).
+        await asyncio.gather(*(run_torch(self.cache.adapter, rec) for rec, _ in rset.items))
         pending = Pending(request, rset, asyncio.get_running_loop(), stream)
         pending.ticket = self.scheduler.submit(rset.key, pending)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)

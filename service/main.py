@@ -20,6 +20,7 @@ from .api.handlers import register_handlers
 from .api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from .api.routes import adapters, generate, health, openai
 from .config import Settings
+from .torch_thread import run_torch
 
 log = logging.getLogger("shira.service")
 MAX_JSON_BYTES = 8 * 2**20  # every body except an adapter upload is small JSON
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
             eng = Engine(settings, reg)
         app.state.registry, app.state.engine = reg, eng
         try:
-            await asyncio.to_thread(eng.start)
+            await run_torch(eng.start)  # the model loads on a thread that exits: see service.torch_thread
             log.info("model: %s on %s", getattr(eng, "model_label", "?"), getattr(eng, "device", "?"))
             log.info("limits: %s", _describe_limits(settings))
             yield

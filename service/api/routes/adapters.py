@@ -10,6 +10,7 @@ from fastapi import APIRouter, Path, Query, Request, Response
 from ... import adapter_service
 from ...deps import AdminDep, EngineDep, ReaderDep, RegistryDep, SettingsDep
 from ...protocol import AdapterDeleted, AdapterDetail, AdapterInfo, AdapterList, AdapterUploaded, ErrorResponse
+from ...torch_thread import run_torch
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -51,7 +52,7 @@ async def upload_adapter(
     """
     form = await adapter_service.read_upload_form(request, settings.max_upload_bytes)
     adapter_service.check_name(form.name)
-    record, created = await asyncio.to_thread(
+    record, created = await run_torch(
         adapter_service.upload_adapter, engine, registry, form.name, form.files, form.description, if_absent
     )
     if not created:
