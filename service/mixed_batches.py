@@ -23,12 +23,13 @@ log = logging.getLogger(__name__)
 BASE_KEY: tuple = ()
 
 # A guest costs about GUEST_ENTRY_COST dense weights' worth of forward-pass time per delta entry (measured
-# while serving on a 2-core CPU, SmolLM2-135M fp32, 8 rows: ~4 ns per sparse entry per decode step, ~0.26 ns
-# per dense weight and row). A set whose delta would cost more than one dense forward pass per step runs in a
-# batch of its own.
+# while serving on a 2-core CPU, SmolLM2-135M fp32, 8 rows: ~1.8 ns per sparse entry per decode step, ~0.08 ns
+# per dense weight and row; on a day the VM ran 2x slower, 4 and 0.26 ns). A set whose delta would cost more
+# than one dense forward pass per step runs in a batch of its own.
 GUEST_ENTRY_COST = 20
 # Writing one weight entry when switching the host costs about this many entry-steps of guest correction
-# (switch: 15-17 ms per 1.06M entries; guest correction: ~4 ms per 1.06M entries per decode step).
+# (switch: 15-17 ms per 1.06M entries; guest correction: ~4 ms per 1.06M entries per decode step; both measured
+# the same day, and both scale with memory speed).
 SWITCH_ENTRY_COST = 4
 
 

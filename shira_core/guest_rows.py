@@ -8,10 +8,10 @@ from the SwitchPlans (adapted - original values; every plan saves the same W0 or
 Decode (one token per row) runs ONE sparse matrix-vector product per layer for the whole batch: the rows'
 deltas sit on the diagonal of a block-diagonal CSR matrix, applied to the flattened inputs. A CSR product
 costs ~7 us per call on CPU and a layer's delta has only 1-9 thousand entries, so one call per layer instead
-of one per guest row and layer is what keeps small models fast; the entries themselves then cost ~4 ns each
-while serving (cold in cache after the dense weights stream through). The matrix is rebuilt only when the
-batch's rows or the host change. Prefill (many tokens per row) runs one sparse matrix-matrix product per run
-of consecutive rows with the same delta.
+of one per guest row and layer is what keeps small models fast; the entries themselves then cost ~1.8 ns each
+while serving (cold in cache after the dense weights stream through: about the memory-bandwidth floor).
+The matrix is rebuilt only when the batch's rows or the host change. Prefill (many tokens per row) runs one
+sparse matrix-matrix product per run of consecutive rows with the same delta.
 """
 
 from __future__ import annotations

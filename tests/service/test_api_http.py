@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 import pytest
 import torch
@@ -291,3 +292,27 @@ def test_unreachable_registry_is_503_and_unexpected_errors_are_500(tiny, registr
         assert_error(response, 500, "internal_error")
         assert "secret" not in response.text
         assert 'shira_requests_total{adapter="base",status="500"}' in client.get("/metrics").text
+
+
+def test_model_load_and_upload_checks_run_on_threads_that_exit(tiny, registry):
+    # A torch thread that outlives its call keeps an OpenMP pool alive and slows the engine worker
+    # (service.torch_thread); loading and upload checks must run on threads that are gone afterwards.
+    seen: list[threading.Thread] = []
+
+    class Recording(EchoEngine):
+        def start(self) -> None:
+            seen.append(threading.current_thread())
+            super().start()
+
+        def validate_upload(self, data: bytes, name: str):
+            seen.append(threading.current_thread())
+            return super().validate_upload(data, name)
+
+    settings = Settings(_env_file=None, admin_token=ADMIN, max_upload_bytes=LIMIT)
+    with TestClient(create_app(settings, engine=Recording(tiny, registry), registry=registry)) as test_client:
+        assert upload(test_client, "threads", adapter_to_bytes(tiny_adapter(tiny, "threads"))).status_code == 201
+    assert len(seen) == 2
+    for thread in seen:
+        assert thread is not threading.main_thread()
+        thread.join(5)
+        assert not thread.is_alive(), thread.name
