@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     base_model: str = Field("bundled:smollm2-135m-instruct", description="Path, .gguf file or hub id.")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch. Unset: the CPUs this process may use (affinity, cgroup quota)."
+    )
 
     redis_url: str | None = Field(None, description="Unset: start an embedded Redis-compatible server.")
     data_dir: Path = Field(Path("data"), description="Embedded registry persistence lives here.")

@@ -37,7 +37,7 @@ from .errors import (
 )
 from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
 from .scheduler import Scheduler
-from .torch_thread import run_torch
+from .torch_thread import available_cpus, run_torch
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class Engine:
         self.model_label = model_label or ("injected model" if model is not None else settings.base_model)
         self.fingerprint: BaseFingerprint | None = None
         self.device = torch.device("cpu")
+        self.threads = torch.get_num_threads()
         self.switcher: Switcher | None = None
         self.cache: AdapterCache | None = None
         self.scheduler = Scheduler(settings.max_batch_size, settings.max_groups_waited, settings.max_queue)
@@ -76,6 +77,9 @@ class Engine:
         """Loads the model (unless injected), binds the Switcher, starts the worker and the event listener."""
         if self._worker is not None and self._worker.is_alive():
             return
+        self.threads = self.settings.threads or available_cpus()
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         if self.model is None:
             from shira_core.models import load_base
 

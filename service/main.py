@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
         app.state.registry, app.state.engine = reg, eng
         try:
             await run_torch(eng.start)  # the model loads on a thread that exits: see service.torch_thread
-            log.info("model: %s on %s", getattr(eng, "model_label", "?"), getattr(eng, "device", "?"))
+            log.info("model: %s on %s, %s CPU threads", getattr(eng, "model_label", "?"), getattr(eng, "device", "?"),
+                     getattr(eng, "threads", "?"))
             log.info("limits: %s", _describe_limits(settings))
             yield
         finally:
