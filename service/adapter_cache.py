@@ -82,11 +82,8 @@ class AdapterCache:
             names: adapter names the value depends on, for drop_names().
         """
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._hit(key)
             if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                metrics.CACHE_HITS.inc()
                 return entry.value
             future = self._loading.get(key)
             owner = future is None
@@ -111,6 +108,19 @@ class AdapterCache:
             self._evict()
         future.set_result(value)
         return value
+
+    def touch_adapter(self, record: Any) -> bool:
+        """Counts a hit and refreshes the LRU order when the record's adapter is cached; never loads."""
+        with self._lock:
+            return self._hit(adapter_key(record)) is not None
+
+    def _hit(self, key: Hashable) -> _Entry | None:
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            metrics.CACHE_HITS.inc()
+        return entry
 
     def has_adapter(self, record: Any) -> bool:
         return adapter_key(record) in self

@@ -243,8 +243,9 @@ class Engine:
         self._check_request(request)
         rset = await self._resolve(request.adapters)
         # Decode missing adapters off the worker thread, so the worker never waits on Redis; on a thread that
-        # exits afterwards, so no second OpenMP pool outlives it (see service.torch_thread).
-        await asyncio.gather(*(run_torch(self.cache.adapter, rec) for rec, _ in rset.items))
+        # exits afterwards, so no second OpenMP pool outlives it (see service.torch_thread). Hits need no thread.
+        missing = [rec for rec, _ in rset.items if not self.cache.touch_adapter(rec)]
+        await asyncio.gather(*(run_torch(self.cache.adapter, rec) for rec in missing))
         pending = Pending(request, rset, asyncio.get_running_loop(), stream)
         pending.ticket = self.scheduler.submit(rset.key, pending)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -169,3 +170,14 @@ def test_stored_adapter_that_no_longer_fits_the_base_is_refused():
     with pytest.raises(AdapterNotFoundError, match="version 9"):
         cache.adapter(Record("ad", 9, "cc"))
     assert cache.lru_keys() == []
+
+
+def test_touch_adapter_counts_hits_and_refreshes_lru_but_never_loads():
+    cache = AdapterCache(None, None, capacity_bytes=100)
+    first, second = SimpleNamespace(name="a", version=1, sha256="x"), SimpleNamespace(name="b", version=1, sha256="y")
+    assert cache.touch_adapter(first) is False  # not cached: no load, no miss counted
+    cache.get(adapter_key(first), loader("A", 40))
+    cache.get(adapter_key(second), loader("B", 40))
+    assert cache.touch_adapter(first) is True
+    assert cache.lru_keys() == [adapter_key(second), adapter_key(first)]
+    assert (cache.stats()["hits"], cache.stats()["misses"]) == (1, 2)
