@@ -158,12 +158,19 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
         run_workload(url, Workload("warm-up", 1, [name]), 1, 8, seed=0)
     samples: dict[str, list[dict]] = {w.name: [] for w in workloads}
     for r in range(rounds):
-        for work in workloads:
+        for work in round_order(workloads, r):
             n = requests_per_client * (2 if work.clients == 1 else 1)
             samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
             rate = samples[work.name][-1]["tokens_per_s"]
             typer.echo(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s", err=True)
     return summarize(samples)
+
+
+def round_order(workloads: list, r: int) -> list:
+    """Round r starts at workload r (mod their number), so drift in the machine's speed over a run does not
+    always favour the workload that runs first."""
+    k = r % len(workloads)
+    return workloads[k:] + workloads[:k]
 
 
 def summarize(samples: dict[str, list[dict]]) -> dict:

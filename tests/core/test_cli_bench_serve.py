@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from shira_cli.bench_serve import _report, summarize
+from shira_cli.bench_serve import _report, round_order, summarize
 
 
 def run(rate: float, p50: float = 1000.0) -> dict:
@@ -26,3 +26,11 @@ def test_summary_takes_medians_and_ratios_of_medians_and_keeps_each_rounds_ratio
     assert "[MISS] mixed / single >= 0.85: 0.750" in text
     assert "[ok] 8 clients / 1 client >= 3: 3.636" in text
     assert "mixed / single by round: 0.900, 0.714, 0.950" in text
+
+
+def test_each_round_starts_at_a_different_workload_and_runs_every_one_once():
+    names = ["base", "single", "mixed", "one"]
+    orders = [round_order(names, r) for r in range(5)]
+    assert [o[0] for o in orders] == ["base", "single", "mixed", "one", "base"]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    assert orders[1] == ["single", "mixed", "one", "base"]
