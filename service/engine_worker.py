@@ -119,7 +119,8 @@ class Worker(threading.Thread):
         if settings.mixed_batches:
             guests = GuestRows(generator.model, switcher)
             dense = sum(layer.out_features * layer.in_features for layer in guests.layers)
-            self.mixed = MixedBatches(guests, self._delta, self._switch, lambda: self.active_key, dense)
+            self.mixed = MixedBatches(guests, self._delta, self._switch, lambda: self.active_key, dense,
+                                      settings.guest_plan_bytes)
 
     def run(self) -> None:
         try:
@@ -165,7 +166,7 @@ class Worker(threading.Thread):
                 p.fail(e)
             return
 
-        def joiners(room: int) -> list:
+        def joiners(room: int, running: list[tuple]) -> list:
             # Join the running batch only while no other set is waiting, so joining never delays a switch.
             if self.scheduler.depth != self.scheduler.depth_of(key):
                 return []
@@ -180,28 +181,42 @@ class Worker(threading.Thread):
             time.sleep(self.settings.batch_wait_ms / 1000)
         keys = self._mixable_keys()
         if keys:
-            pendings += [t.item for t in self.scheduler.take_oldest(keys, cap - len(pendings))]
+            admits = self._plan_room([p.rset.key for p in pendings])
+            pendings += [t.item for t in self.scheduler.take_oldest(keys, cap - len(pendings), admits)]
         live = self._live(pendings)
         if not live:
             return
 
-        def joiners(room: int) -> list:
+        def joiners(room: int, running: list[tuple]) -> list:
             # A queued set that cannot mix waits for this batch to drain, so joining never starves it.
             keys = self._mixable_keys()
-            return self.scheduler.take_oldest(keys, room) if keys else []
+            return self.scheduler.take_oldest(keys, room, self._plan_room(running)) if keys else []
 
         try:
             self._run_batch(live, 0.0, joiners, guests=self.mixed, label="mixed")
         finally:
             self.mixed.release()
 
+    def _plan_room(self, running: list[tuple]) -> Callable[[tuple], bool]:
+        """admits(key) for take_oldest: True, and the row counted, while the batch's decode plan stays in budget."""
+        rows = list(running)
+
+        def admits(key: tuple) -> bool:
+            if not self.mixed.fits([*rows, key]):
+                return False
+            rows.append(key)
+            return True
+
+        return admits
+
     def _live(self, pendings: list[Pending]) -> list[Pending]:
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)
         return [p for p in pendings if not p.cancelled]
 
-    def _run_batch(self, live: list[Pending], switch_s: float, joiners: Callable[[int], list],
+    def _run_batch(self, live: list[Pending], switch_s: float, joiners: Callable[[int, list[tuple]], list],
                    guests: MixedBatches | None, label: str) -> None:
-        """Decodes `live` as one batch; `joiners(room)` hands over queued tickets that may join between steps."""
+        """Decodes `live` as one batch; `joiners(room, running)` hands over queued tickets that may join between
+        steps (`running`: the set keys of the rows still decoding)."""
         start = time.monotonic()
         members: list[tuple[Row, Pending]] = [(self._row(p, start, switch_s), p) for p in live]
 
@@ -209,7 +224,8 @@ class Worker(threading.Thread):
             if self.stop.is_set() or self.scheduler.depth == 0:
                 return []
             now = time.monotonic()
-            joined = [(self._row(t.item, now, 0.0), t.item) for t in joiners(room)]
+            running = [r.set_key for r, _ in members if r.finish_reason is None]
+            joined = [(self._row(t.item, now, 0.0), t.item) for t in joiners(room, running)]
             joined = [(r, p) for r, p in joined if not p.cancelled]
             members.extend(joined)
             metrics.QUEUE_DEPTH.set(self.scheduler.depth)

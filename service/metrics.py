@@ -20,6 +20,9 @@ GPU_RESERVED_BYTES = Gauge("shira_gpu_memory_reserved_bytes", "CUDA memory reser
 SWITCHER_BYTES = Gauge(
     "shira_switcher_bytes", "Switcher memory by part (saved originals, index buffers, ...).", ["part"]
 )
+GUEST_PLAN_BYTES = Gauge(
+    "shira_guest_plan_bytes", "Bytes of the running mixed batch's decode plan (a copy of each guest row's delta)."
+)
 REQUESTS = Counter("shira_requests_total", "Generation requests by adapter set and HTTP status.", ["adapter", "status"])
 QUEUE_SECONDS = Histogram("shira_queue_seconds", "Time a request waited before its batch started.")
 GENERATE_SECONDS = Histogram("shira_generate_seconds", "Time spent generating for one batch.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from shira_core.guest_rows import GuestRows, GuestSetError, SetDelta
 
+from . import metrics
 from .batch_generation import Row
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ GUEST_ENTRY_COST = 20
 SWITCH_ENTRY_COST = 4
 
 
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
 class MixedBatches:
     """Host choice and guest plans for one worker.
 
@@ -42,13 +47,20 @@ class MixedBatches:
         switch: switches the weights to a set key (BASE_KEY: the base); returns seconds spent.
         active: returns the key of the set in the weights now.
         dense_params: the model's adaptable Linear weights, for the guest-size limit.
+        plan_bytes: the most bytes a decode plan may hold. The plan copies every corrected row's deltas, so it
+            grows with the batch (16 rows of a 1%-dense adapter on a 1.7B model: ~2 GB); rows that would push it
+            past this wait for room (`fits`).
     """
 
     def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any, bool], SetDelta],
-                 switch: Callable[[Hashable, Any], float], active: Callable[[], Hashable], dense_params: int) -> None:
+                 switch: Callable[[Hashable, Any], float], active: Callable[[], Hashable], dense_params: int,
+                 plan_bytes: int = 256 * 2**20) -> None:
         self.guests = guests
         self._delta_for, self._switch, self._active = delta_for, switch, active
         self.max_guest_nnz = dense_params // GUEST_ENTRY_COST
+        self.plan_bytes = plan_bytes
+        self.peak_plan_bytes = 0
+        self._bytes: dict[Hashable, tuple[int, int]] = {BASE_KEY: (0, 0)}  # a set's (entry, row pointer) bytes
         self._sets: dict[Hashable, Any] = {BASE_KEY: None}
         self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}  # relative to the base
         self._negated: dict[Hashable, SetDelta] = {}  # host key -> -d_host
@@ -71,7 +83,28 @@ class MixedBatches:
             self._refused.add(key)
             return False
         self._sets[key], self._deltas[key] = rset, delta
+        parts = delta.layers.values()
+        self._bytes[key] = (sum(_nbytes(d.col) + _nbytes(d.values) for d in parts), sum(_nbytes(d.crow) for d in parts))
         return True
+
+    def fits(self, keys: Sequence[Hashable]) -> bool:
+        """Whether rows of these (mixable) sets can decode together within the plan budget under some host."""
+        counts = Counter(keys)
+        if len(counts) <= 1:
+            return True
+        return min(self._plan_bytes(counts, h) for h in self._hosts(counts)) <= self.plan_bytes
+
+    def _plan_bytes(self, counts: Counter, host: Hashable) -> int:
+        """An upper bound on the decode plan's bytes for rows of these sets under this host: each guest row's
+        entries (its own delta's, and the host's negated), and row pointers for every row at the plan's depth."""
+        host_entries, host_rows = self._bytes.get(host, (0, 0))
+        entries = sum(n * (self._bytes[k][0] + host_entries) for k, n in counts.items() if k != host)
+        pointers = max(host_rows, *(self._bytes[k][1] for k in counts))
+        return entries + (1 if host == BASE_KEY else 2) * pointers * sum(counts.values())
+
+    def _hosts(self, counts: Counter) -> set[Hashable]:
+        active = self._active()
+        return {active, BASE_KEY, *counts} if active in self._deltas else {BASE_KEY, *counts}
 
     def release(self) -> None:
         """Forgets the decode plan and the deltas of sets other than the host's (the adapter cache keeps them)."""
@@ -79,12 +112,14 @@ class MixedBatches:
         for key in [k for k in self._deltas if k not in wanted]:
             self._deltas.pop(key, None)
             self._sets.pop(key, None)
+            self._bytes.pop(key, None)
         self._negated.clear()
         self.guests.forget_plans()
+        metrics.GUEST_PLAN_BYTES.set(0)
 
     def choose_host(self, rows: Sequence[Row]) -> Hashable:
         """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,
-        counting the switch needed to get there."""
+        counting the switch needed to get there, among the hosts whose plan fits the budget."""
         active = self._active()
         counts = Counter(r.set_key for r in rows)
         if len(counts) == 1:
@@ -99,8 +134,11 @@ class MixedBatches:
             written = 0 if host == active else active_nnz + host_nnz
             return horizon * step + SWITCH_ENTRY_COST * written
 
-        candidates = {active, BASE_KEY, *counts} if active in self._deltas else {BASE_KEY, *counts}
-        return min(candidates, key=lambda h: (cost(h), h != active))
+        candidates = self._hosts(counts)
+        within = {h for h in candidates if self._plan_bytes(counts, h) <= self.plan_bytes}
+        if not within:  # admission keeps some host within budget; this only guards a budget lowered mid-batch
+            within = {min(candidates, key=lambda h: self._plan_bytes(counts, h))}
+        return min(within, key=lambda h: (cost(h), h != active))
 
     @contextlib.contextmanager
     def decode(self, rows: Sequence[Row]) -> Iterator[None]:
@@ -110,6 +148,10 @@ class MixedBatches:
             self._switch(host, self._sets.get(host))
             self.host_switches += 1
         plan = self._plan(rows, host, prefill=False)
+        nbytes = plan.nbytes if plan is not None else 0
+        if nbytes > self.peak_plan_bytes:
+            self.peak_plan_bytes = nbytes
+        metrics.GUEST_PLAN_BYTES.set(nbytes)
         with self.guests.active(plan):
             yield
 

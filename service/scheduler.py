@@ -17,7 +17,7 @@ import itertools
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,11 +128,20 @@ class Scheduler:
         with self._lock:
             return [(k, group[0].item) for k, group in self._groups.items()]
 
-    def take_oldest(self, keys: set[Hashable], limit: int) -> list[Ticket]:
-        """Takes up to `limit` of the oldest tickets over the groups in `keys` (mixed-set batches)."""
+    def take_oldest(self, keys: set[Hashable], limit: int,
+                    admits: Callable[[Hashable], bool] | None = None) -> list[Ticket]:
+        """Takes up to `limit` of the oldest tickets over the groups in `keys` (mixed-set batches).
+
+        `admits(key)` is asked for each ticket in age order; the first refusal ends the take, so a ticket that does
+        not fit is never overtaken by younger ones (it goes first once there is room).
+        """
         with self._lock:
             candidates = sorted((t for k in keys if k in self._groups for t in self._groups[k]), key=lambda t: t.seq)
-            batch = candidates[: max(0, limit)]
+            batch = []
+            for ticket in candidates[: max(0, limit)]:
+                if admits is not None and not admits(ticket.key):
+                    break
+                batch.append(ticket)
             for ticket in batch:
                 group = self._groups[ticket.key]
                 group.remove(ticket)

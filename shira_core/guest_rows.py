@@ -74,6 +74,7 @@ class _DecodePlan:
     rows: int
     depth: int  # deltas per row, at most: the matrices have depth * rows block rows
     matrices: list[torch.Tensor | None]  # per layer: block-diagonal CSR [depth * rows * out, rows * in], or None
+    nbytes: int = 0  # of the matrices' index and value arrays
 
 
 @dataclass
@@ -201,6 +202,7 @@ class GuestRows:
         rows, depth = len(terms), max((len(t) for t in terms), default=0)
         blocks = [t[k] if k < len(t) else None for t in terms for k in range(depth)]
         matrices: list[torch.Tensor | None] = []
+        nbytes = 0
         for lid, layer in enumerate(self.layers):
             if not any(d is not None and lid in d.layers for d in blocks):
                 matrices.append(None)
@@ -214,10 +216,11 @@ class GuestRows:
                 counts.append(part.counts)
                 cols.append(part.col + (v // depth) * layer.in_features)
                 values.append(part.values)
-            crow = torch.cat(counts).cumsum(0, dtype=torch.int32)
+            crow, col, vals = torch.cat(counts).cumsum(0, dtype=torch.int32), torch.cat(cols), torch.cat(values)
+            nbytes += sum(t.numel() * t.element_size() for t in (crow, col, vals))
             shape = (len(blocks) * layer.out_features, rows * layer.in_features)
-            matrices.append(_csr(crow, torch.cat(cols), torch.cat(values), shape))
-        return _DecodePlan(rows, depth, matrices)
+            matrices.append(_csr(crow, col, vals, shape))
+        return _DecodePlan(rows, depth, matrices, nbytes)
 
     def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _PrefillPlan:
         """The plan for a prefill pass over len(terms) rows of any number of tokens each.

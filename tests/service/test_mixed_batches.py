@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
 
+from service import metrics
 from service.config import Settings
 from service.embedded_redis import connect
 from service.engine import Engine
@@ -73,6 +74,47 @@ def test_a_set_that_cannot_mix_runs_in_a_batch_of_its_own(tiny_mixed, registry):
     assert any("emb" in str(k) for k in engine._worker.mixed._refused)
 
 
+def test_the_decode_plan_stays_within_its_byte_budget_and_rows_past_it_wait(tiny_mixed):
+    engine, snapshot = tiny_mixed
+    mixed = engine._worker.mixed
+    ids = engine.encode(prompt="Hello there")
+    sets = [("a1",), ("a2",), ("a3",), ()] * 3
+
+    async def run():
+        return await asyncio.gather(*(engine.generate(request(ids, *s, n=6)) for s in sets))
+
+    free = asyncio.run(run())
+    unbounded = mixed.peak_plan_bytes
+    assert unbounded > 0
+    budget = unbounded // 2
+    mixed.plan_bytes, mixed.peak_plan_bytes = budget, 0
+    bounded = asyncio.run(run())
+    assert 0 < mixed.peak_plan_bytes <= budget  # guests still mixed, never past the budget
+    assert [r.completion_tokens for r in bounded] == [6] * len(sets)
+    assert [[a["name"] for a in r.adapters] for r in bounded] == [list(s) for s in sets]
+    assert len({r.text for r in free}) > 1
+    assert metrics.GUEST_PLAN_BYTES._value.get() == 0  # released with the batch
+    engine.stop()
+    engine.switcher.revert()
+    assert all(torch.equal(engine.model.state_dict()[k], v) for k, v in snapshot.items())
+    engine.start()
+
+
+def test_a_zero_plan_budget_makes_the_sets_take_turns(tiny_mixed):
+    engine, _ = tiny_mixed
+    engine._worker.mixed.plan_bytes = 0
+    ids = engine.encode(prompt="Hi")
+
+    async def run():
+        return await asyncio.gather(*(engine.generate(request(ids, *s, n=4)) for s in [("a1",), ("a2",), ()] * 2))
+
+    switches = engine._worker.mixed.host_switches
+    results = asyncio.run(run())
+    assert engine._worker.mixed.peak_plan_bytes == 0  # no step decoded rows of two sets
+    assert engine._worker.mixed.host_switches - switches >= 2  # the sets took turns instead
+    assert [r.completion_tokens for r in results] == [4] * 6
+
+
 # -- the real bundled model ----------------------------------------------------------------------------
 
 
@@ -129,3 +171,20 @@ def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
     assert [t.item for t in taken] == [1, 2, 3] and not any(t.queued for t in taken)
     assert s.depth == 2 and s.heads() == [("b", 5), ("c", 4)]
     assert [t.item for t in s.take_oldest({"b", "c", "zzz"}, 10)] == [4, 5] and s.depth == 0
+
+
+def test_scheduler_take_stops_at_the_first_ticket_that_does_not_fit():
+    from service.scheduler import Scheduler
+
+    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
+    for key, item in [("a", 1), ("big", 2), ("a", 3)]:
+        s.submit(key, item)
+    asked = []
+
+    def admits(key):
+        asked.append(key)
+        return key != "big"
+
+    assert [t.item for t in s.take_oldest({"a", "big"}, 8, admits)] == [1]  # 3 does not overtake 2
+    assert asked == ["a", "big"] and s.depth == 2
+    assert [t.item for t in s.take_oldest({"a", "big"}, 8, lambda key: True)] == [2, 3]
