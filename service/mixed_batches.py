@@ -28,6 +28,10 @@ BASE_KEY: tuple = ()
 # per dense weight and row; on a day the VM ran 2x slower, 4 and 0.26 ns). A set whose delta would cost more
 # than one dense forward pass per step runs in a batch of its own.
 GUEST_ENTRY_COST = 20
+# With a host other than the base, every guest row carries two deltas (its own and the host's negated) and the
+# step runs a product, a sum over the two and an add instead of one fused product: ~1.35x the time per entry
+# (8 rows, SmolLM2-135M, 2-core CPU: base host 8.4M entries in 10.9 ms, set host 10.6M entries in 18.7 ms).
+DEPTH2_ENTRY_COST = 1.35
 # Writing one weight entry when switching the host costs about this many entry-steps of guest correction
 # (switch: 15-17 ms per 1.06M entries; guest correction: ~4 ms per 1.06M entries per decode step; both measured
 # the same day, and both scale with memory speed).
@@ -131,6 +135,7 @@ class MixedBatches:
         def cost(host: Hashable) -> float:
             host_nnz = nnz.get(host, active_nnz if host == active else 0)
             step = sum(n * (nnz[k] + host_nnz) for k, n in counts.items() if k != host)
+            step *= 1 if host == BASE_KEY else DEPTH2_ENTRY_COST
             written = 0 if host == active else active_nnz + host_nnz
             return horizon * step + SWITCH_ENTRY_COST * written
 

@@ -160,6 +160,34 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs():
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
+def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer):  # noqa: F811
+    from service.batch_generation import Row
+    from service.generation import SamplingParams
+    from service.mixed_batches import MixedBatches
+    from shira_core.guest_rows import GuestRows, SetDelta
+    from shira_core.switcher import Switcher
+
+    model = tiny_model(len(tokenizer))
+    switcher = Switcher(model)
+    active = ["A"]
+    mixed = MixedBatches(GuestRows(model, switcher), lambda key, rset, negate: SetDelta(key, {}, 1000),
+                         lambda key, rset: 0.0, lambda: active[0], dense_params=10**9)
+    keys = ["A", "B", "C", "D", "E", "F", "G"]
+    assert all(mixed.mixable(k, None) for k in keys)
+
+    def rows(own: int) -> list:
+        sets = ["A"] * own + keys[1 : 1 + 8 - own]
+        return [Row([1], SamplingParams(max_new_tokens=32), set_key=k) for k in sets]
+
+    # Half the rows on the host's set: each other row would carry two deltas (8 entries-worth at the slower
+    # two-term rate) against one each (8) under the base, so the base wins even after paying the switch.
+    assert mixed.choose_host(rows(4)) == ()
+    assert mixed.choose_host(rows(6)) == "A"  # 2 guests x 2 deltas: cheaper than 8 rows x 1
+    active[0] = ()
+    assert mixed.choose_host(rows(4)) == ()
+    assert mixed.choose_host(rows(8)) == "A"
+
+
 def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
     from service.scheduler import Scheduler
 
