@@ -22,10 +22,14 @@ def test_summary_takes_medians_and_ratios_of_medians_and_keeps_each_rounds_ratio
     assert out["single_vs_base"] == round(40 / 40, 3)
     assert out["eight_vs_one_client"] == round(40 / 11, 3)
     assert out["mixed_vs_single_by_round"] == [0.9, round(30 / 42, 3), 0.95]
+    assert out["mixed_vs_single_round_median"] == 0.9
+    assert out["single_vs_base_by_round"] == [1.0, round(42 / 44, 3), round(20 / 30, 3)]
+    assert out["single_vs_base_round_median"] == round(42 / 44, 3)
     text = _report(out)
     assert "[MISS] mixed / single >= 0.85: 0.750" in text
     assert "[ok] 8 clients / 1 client >= 3: 3.636" in text
-    assert "mixed / single by round: 0.900, 0.714, 0.950" in text
+    assert "mixed / single by round: 0.900, 0.714, 0.950 (median 0.900)" in text
+    assert "single / base by round: 1.000, 0.955, 0.667 (median 0.955)" in text
 
 
 def test_each_round_starts_at_a_different_workload_and_runs_every_one_once():
