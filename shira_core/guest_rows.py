@@ -6,10 +6,11 @@ With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, bot
 from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
 Decode (one token per row) runs ONE sparse matrix-vector product per layer for the whole batch: the rows'
-deltas sit on the diagonal of a block-diagonal CSR matrix, applied to the flattened inputs. A CSR product
-costs ~7 us per call on CPU and a layer's delta has only 1-9 thousand entries, so one call per layer instead
-of one per guest row and layer is what keeps small models fast; the entries themselves then cost ~1.8 ns each
-while serving (cold in cache after the dense weights stream through: about the memory-bandwidth floor).
+deltas sit on the diagonal of a block-diagonal CSR matrix, applied to the flattened inputs. Inside a real
+decode step a CSR product costs ~20 us per call on a 2-core CPU (5 us in a hot loop) and a layer's delta has
+only 1-9 thousand entries, so one call per layer instead of one per guest row and layer is what keeps small
+models fast; the entries then cost ~0.7 ns each (cold in cache after the dense weights stream through: about
+the memory-bandwidth floor).
 The matrix is rebuilt only when the batch's rows or the host change. Prefill (many tokens per row) runs one
 sparse matrix-matrix product per run of consecutive rows with the same delta.
 """
