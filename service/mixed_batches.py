@@ -38,10 +38,6 @@ DEPTH2_ENTRY_COST = 1.35
 SWITCH_ENTRY_COST = 4
 
 
-def _nbytes(t) -> int:
-    return t.numel() * t.element_size()
-
-
 class MixedBatches:
     """Host choice and guest plans for one worker.
 
@@ -87,8 +83,7 @@ class MixedBatches:
             self._refused.add(key)
             return False
         self._sets[key], self._deltas[key] = rset, delta
-        parts = delta.layers.values()
-        self._bytes[key] = (sum(_nbytes(d.col) + _nbytes(d.values) for d in parts), sum(_nbytes(d.crow) for d in parts))
+        self._bytes[key] = (delta.entry_bytes, delta.pointer_bytes)
         return True
 
     def fits(self, keys: Sequence[Hashable]) -> bool:

@@ -52,7 +52,17 @@ class SetDelta:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self.layers.values() for t in (d.crow, d.col, d.values))
+        return self.entry_bytes + self.pointer_bytes
+
+    @property
+    def entry_bytes(self) -> int:
+        """Bytes of the column indices and values: what a decode plan copies once per row carrying this delta."""
+        return sum(_nbytes(d.col) + _nbytes(d.values) for d in self.layers.values())
+
+    @property
+    def pointer_bytes(self) -> int:
+        """Bytes of the row pointers (one block's worth in a decode plan)."""
+        return sum(_nbytes(d.crow) for d in self.layers.values())
 
     def negated(self) -> SetDelta:
         """-delta: new values, the same index arrays (shared, not copied)."""
@@ -82,6 +92,10 @@ class _DecodePlan:
 class _PrefillPlan:
     rows: int
     products: list[list[tuple[int, int, torch.Tensor]]]  # per layer: (first row, end row, CSR matrix) per run
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
 
 
 def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -218,7 +232,7 @@ class GuestRows:
                 cols.append(part.col + (v // depth) * layer.in_features)
                 values.append(part.values)
             crow, col, vals = torch.cat(counts).cumsum(0, dtype=torch.int32), torch.cat(cols), torch.cat(values)
-            nbytes += sum(t.numel() * t.element_size() for t in (crow, col, vals))
+            nbytes += _nbytes(crow) + _nbytes(col) + _nbytes(vals)
             shape = (len(blocks) * layer.out_features, rows * layer.in_features)
             matrices.append(_csr(crow, col, vals, shape))
         return _DecodePlan(rows, depth, matrices, nbytes)
