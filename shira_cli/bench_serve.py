@@ -74,20 +74,20 @@ def start_server(port: int, token: str, redis_url: str | None, extra_env: dict[s
     raise RuntimeError("server did not become ready within 300 s")
 
 
-def upload_random_adapters(url: str, token: str, count: int, density: float) -> list[str]:
-    """Builds rand-mask adapters for the server's base model and uploads them."""
+def upload_random_adapters(url: str, token: str, count: int, density: float, model: str | None = None) -> list[str]:
+    """Builds rand-mask adapters for the server's base model (`model`; None: the bundled one) and uploads them."""
     from shira_core.fingerprint import BaseFingerprint
     from shira_core.io import adapter_to_bytes
     from shira_core.models import linear_weight_names, load_base
 
     from .bench_switch import random_adapter
 
-    model, _, _ = load_base(None, device="cpu", dtype="float32")
-    names = linear_weight_names(model)
-    fingerprint = BaseFingerprint.of(model)
+    base, _, _ = load_base(model, device="cpu", dtype="float32")
+    names = linear_weight_names(base)
+    fingerprint = BaseFingerprint.of(base)
     uploaded = []
     for k in range(count):
-        adapter = random_adapter(model, names, density, seed=100 + k, name=f"bench-{k}")
+        adapter = random_adapter(base, names, density, seed=100 + k, name=f"bench-{k}")
         adapter.base_fingerprint = fingerprint.to_dict(names)
         resp = httpx.post(
             f"{url}/adapters", headers={"Authorization": f"Bearer {token}"},
@@ -95,7 +95,7 @@ def upload_random_adapters(url: str, token: str, count: int, density: float) -> 
         )
         resp.raise_for_status()
         uploaded.append(adapter.name)
-    del model
+    del base
     return uploaded
 
 
@@ -209,19 +209,24 @@ def _report(result: dict) -> str:
 
 
 def run_serve_bench(url: str | None, token: str | None, redis_url: str | None, rounds: int, requests: int,
-                    max_new_tokens: int, density: float, as_json: bool) -> None:
-    """Entry point of `shira bench serve`: starts a server unless --url is given, uploads 8 adapters, measures."""
+                    max_new_tokens: int, density: float, as_json: bool, model: str | None = None) -> None:
+    """Entry point of `shira bench serve`: starts a server unless --url is given, uploads 8 adapters, measures.
+
+    `model` is the server's base model: the started server loads it, and the adapters are built for it. None
+    reads SHIRA_BASE_MODEL, else the bundled model.
+    """
+    model = model or os.environ.get("SHIRA_BASE_MODEL")
     proc = None
     if url is None:
         token = token or secrets.token_urlsafe(24)
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
         typer.echo(f"starting a server on {url} ...", err=True)
-        proc = start_server(port, token, redis_url, {})
+        proc = start_server(port, token, redis_url, {"SHIRA_BASE_MODEL": model} if model else {})
     elif not token:
         raise typer.BadParameter("--admin-token is needed with --url (to upload the benchmark adapters)")
     try:
-        adapters = upload_random_adapters(url, token, 8, density)
+        adapters = upload_random_adapters(url, token, 8, density, model)
         result = measure(url, adapters, rounds, requests, max_new_tokens)
         result.update(rounds=rounds, requests_per_client=requests, max_new_tokens=max_new_tokens, density=density)
     finally:

@@ -178,12 +178,14 @@ def bench_serve(
     requests: Annotated[int, typer.Option(help="Requests per client per round.")] = 4,
     max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
     density: Annotated[float, typer.Option(help="Density of the 8 random adapters.")] = 0.01,
+    model: Annotated[str | None, typer.Option(help="The server's base model (default: SHIRA_BASE_MODEL, else the "
+                                              "bundled SmolLM2-135M-Instruct).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Tokens/s and p50/p99 for 8 clients on one adapter, 8 adapters under Zipf traffic, and the base model."""
     from .bench_serve import run_serve_bench
 
-    run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out)
+    run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out, model)
 
 
 @bench_app.command("train")

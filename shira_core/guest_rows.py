@@ -37,7 +37,7 @@ class GuestSetError(ShiraError):
 class _LayerDelta:
     crow: torch.Tensor  # int32 [out + 1]
     col: torch.Tensor  # int32 [nnz]
-    values: torch.Tensor  # weight dtype [nnz]: adapted - original
+    values: torch.Tensor  # GuestRows.dtype [nnz]: adapted - original
     matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
 
@@ -104,6 +104,22 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
         return torch.sparse_csr_tensor(crow, col, values, shape)
 
 
+def _sparse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the CSR products run in: the weights' own where the device's sparse kernels take it, else
+    fp32 (MKL's CPU kernels take fp32 and fp64 only; the difference of two bf16 weights is exact in fp32)."""
+    if dtype in (torch.float32, torch.float64):
+        return dtype
+    one = torch.ones(1, dtype=dtype, device=device)
+    probe = _csr(torch.tensor([0, 1], dtype=torch.int32, device=device), torch.zeros(1, dtype=torch.int32,
+                 device=device), one, (1, 1))
+    try:
+        torch.mv(probe, one)
+        torch.mm(probe, one.view(1, 1))
+    except RuntimeError:  # NotImplementedError is one
+        return torch.float32
+    return dtype
+
+
 class GuestRows:
     """Forward hooks on a model's Linear layers that correct chosen batch rows to their own adapter set.
 
@@ -147,6 +163,7 @@ class GuestRows:
         self._offsets = {name: switcher._slots[name].offset for name in switcher._params}  # noqa: SLF001
         params = list(switcher._params.values())  # noqa: SLF001
         self.device = params[0].device if params else torch.device("cpu")
+        self.dtype = _sparse_dtype(params[0].dtype, self.device) if params else torch.float32
         self._no_entries = [torch.zeros(x.out_features, dtype=torch.int32, device=self.device) for x in self.layers]
         self._zero = torch.zeros(1, dtype=torch.int32, device=self.device)
 
@@ -172,7 +189,7 @@ class GuestRows:
             index = part.index.cpu()
             seg = torch.searchsorted(starts, index, right=True) - 1
             which, counts = torch.unique_consecutive(seg, return_counts=True)
-            values = part.adapted - part.original
+            values = part.adapted.to(self.dtype) - part.original.to(self.dtype)
             pos = 0
             for s, n in zip(which.tolist(), counts.tolist(), strict=True):
                 lid, name = lids[s], names[s]
@@ -288,11 +305,13 @@ class GuestRows:
             if matrix is None:
                 return
             flat = out.view(-1)  # one token per row: all rows' corrections in one product
-            if plan.depth == 1:
-                flat.addmv_(matrix, x.reshape(-1).to(matrix.dtype))
-            else:
-                y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
-                flat.add_(y.view(plan.rows, plan.depth, -1).sum(1).view(-1))
+            if plan.depth == 1 and matrix.dtype == flat.dtype:
+                flat.addmv_(matrix, x.reshape(-1))
+                return
+            y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
+            if plan.depth > 1:
+                y = y.view(plan.rows, plan.depth, -1).sum(1)
+            flat.add_(y.view(-1))  # rounds into the output's dtype
             return
         layer = self.layers[lid]
         for start, end, matrix in plan.products[lid]:

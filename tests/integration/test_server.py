@@ -27,6 +27,8 @@ from shira_core.io import adapter_to_bytes
 pytestmark = pytest.mark.integration
 
 REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# CPU unless told otherwise (SHIRA_TEST_DEVICE=cuda on a GPU machine; dtype is then the service's bf16 default).
+DEVICE = os.environ.get("SHIRA_TEST_DEVICE", "cpu")
 ADMIN = "integration-admin-" + uuid.uuid4().hex
 UPLOAD_LIMIT = 4 * 2**20
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
@@ -63,7 +65,7 @@ class Live:
 def live():
     namespace = f"test-api-{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device="cpu",
+        _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE,
         max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
     )
     app = create_app(settings)  # the lifespan connects Redis and loads the real model
