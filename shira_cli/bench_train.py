@@ -47,7 +47,8 @@ class _RssPeak:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
-def _model(spec: dict[str, Any]):
+def bench_model(spec: dict[str, Any]):
+    """spec['base']: 'random' (SmolLM2-135M-shaped, spec['layers'] decoder layers) or a model for load_base."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +101,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     device = torch.device(spec["device"])
-    model = _model(spec)
+    model = bench_model(spec)
     model.train()
     model, params, trainable = _attach(model, spec["method"], spec["rank"])
     opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0)

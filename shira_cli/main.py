@@ -210,6 +210,28 @@ def bench_train(
         _fail(str(e))
 
 
+@bench_app.command("step")
+def bench_step(
+    model: Annotated[str, typer.Option(help="default (bundled SmolLM2-135M), a model path, or random.")] = "default",
+    layers: Annotated[int, typer.Option(help="Decoder layers when --model random.")] = 30,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")] = "auto",
+    rows: Annotated[int, typer.Option(help="Rows in the decode batch.")] = 8,
+    adapters: Annotated[int, typer.Option(help="Adapters the rows are drawn from (Zipf).")] = 8,
+    steps: Annotated[int, typer.Option(help="Decode steps per timed run; the median is kept.")] = 40,
+    repeats: Annotated[int, typer.Option(help="Rounds over the variants; medians over rounds.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Decode-step time in process: base, one adapter applied, and rows of several adapters (guest rows)."""
+    from .bench_step import run_step_bench
+
+    try:
+        run_step_bench(model=model, layers=layers, device=device, dtype=dtype, rows=rows, adapters=adapters,
+                       steps=steps, repeats=repeats, as_json=json_out)
+    except (RuntimeError, ValueError) as e:
+        _fail(str(e))
+
+
 @app.command()
 def experiment(
     tasks: Annotated[str, typer.Option(help="Comma-separated demo tasks, two or more: kv2json, sentiment, capitals.")]

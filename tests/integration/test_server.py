@@ -27,7 +27,8 @@ from shira_core.io import adapter_to_bytes
 pytestmark = pytest.mark.integration
 
 REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# CPU unless told otherwise (SHIRA_TEST_DEVICE=cuda on a GPU machine; dtype is then the service's bf16 default).
+# CPU unless told otherwise (SHIRA_TEST_DEVICE=cuda on a GPU machine). Always fp32: these tests compare texts
+# bit for bit with in-process references, and bf16 rounding varies with batch shape (test_engine_devices covers it).
 DEVICE = os.environ.get("SHIRA_TEST_DEVICE", "cpu")
 ADMIN = "integration-admin-" + uuid.uuid4().hex
 UPLOAD_LIMIT = 4 * 2**20
@@ -65,7 +66,7 @@ class Live:
 def live():
     namespace = f"test-api-{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE,
+        _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE, dtype="float32",
         max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
     )
     app = create_app(settings)  # the lifespan connects Redis and loads the real model

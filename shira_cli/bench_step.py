@@ -1,0 +1,126 @@
+"""`shira bench step`: one decode step of a batch, in process, with and without rows of other adapter sets.
+
+Variants, alternated within each repeat so that drift in the machine's speed hits each alike:
+  base        the base weights
+  single      one adapter applied (the Switcher's scatter), every row on it
+  mixed       rows drawn from a Zipf distribution over the adapters; the base hosts and every adapted row is
+              corrected by its own delta (guest rows)
+  mixed-host  the same rows with the most common set applied; its rows run free, the others carry their own
+              delta and the host's, negated
+This is the serving benchmark's mixed/single ratio without HTTP, scheduling or batch churn, so it shows what
+the corrections themselves cost on this device. `--model random` builds a SmolLM2-135M-shaped model with random
+weights, for machines without a copy of the real one (the step time does not depend on the values).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import random
+import statistics
+import time
+from collections import Counter
+from typing import Any
+
+import torch
+
+from .bench_switch import random_adapter
+from .bench_train import bench_model
+
+
+def zipf_rows(rows: int, sets: int, seed: int = 0) -> list[int]:
+    """Each row's set, drawn with p(k) proportional to 1/(k+1), as in `shira bench serve`."""
+    rng = random.Random(seed)
+    return rng.choices(range(sets), [1.0 / (k + 1) for k in range(sets)], k=rows)
+
+
+class StepTimer:
+    """Prefills a fixed batch once per run, then times decode steps (synchronized on CUDA)."""
+
+    def __init__(self, model: torch.nn.Module, rows: int, prompt_len: int = 40) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        vocab = model.get_input_embeddings().weight.shape[0]
+        gen = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (rows, prompt_len), generator=gen).to(self.device)
+        # transformers 5 renamed past_key_values to cache; pass whichever this version takes (as the service does).
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def median_ms(self, context: Any, steps: int) -> float:
+        from transformers import DynamicCache
+
+        cache = {self.cache_arg: DynamicCache(config=self.model.config)}
+        token = self.model(input_ids=self.ids, use_cache=True, **cache).logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.ones(self.ids.shape, dtype=torch.long, device=self.device)
+        times = []
+        for _ in range(steps):
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            self._sync()
+            start = time.perf_counter()
+            with context():
+                out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **cache)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            self._sync()
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times[2:] if steps > 4 else times)
+
+
+def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
+                   rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 40, repeats: int = 3,
+                   as_json: bool = False) -> dict[str, Any]:
+    """Times the four variants `repeats` times and prints ms/step medians and the ratios against `single`."""
+    from shira_core.guest_rows import GuestRows
+    from shira_core.models import linear_weight_names, pick_device, pick_dtype
+    from shira_core.switcher import Switcher
+
+    dev = pick_device(device)
+    dt = str(pick_dtype(dtype, dev)).replace("torch.", "")
+    lm = bench_model({"base": model, "layers": layers, "device": str(dev), "dtype": dt}).eval()
+    names = linear_weight_names(lm)
+    switcher = Switcher(lm)
+    guests = GuestRows(lm, switcher)
+    plans = [switcher.prepare([(random_adapter(lm, names, density, seed=100 + k, name=f"bench-{k}"), 1.0)])
+             for k in range(adapters)]
+    deltas = [guests.delta(p) for p in plans]
+    sets = zipf_rows(rows, adapters)
+    host = Counter(sets).most_common(1)[0][0]
+    minus_host = guests.delta(plans[host], negate=True)
+    mixed = guests.decode_plan([(deltas[s],) for s in sets])
+    hosted = guests.decode_plan([() if s == host else (deltas[s], minus_host) for s in sets])
+    timer = StepTimer(lm, rows)
+
+    def under(plan) -> Any:
+        return lambda: guests.active(plan)
+
+    variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext),
+                "mixed": (None, under(mixed)), "mixed-host": (plans[host], under(hosted))}
+    runs: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(repeats):
+        for name, (applied, context) in variants.items():
+            switcher.apply(applied) if applied is not None else switcher.revert()
+            runs[name].append(timer.median_ms(context, steps))
+    switcher.revert()
+    guests.close()
+    ms = {k: statistics.median(v) for k, v in runs.items()}
+    report = {
+        "setup": {"model": model, "device": str(dev), "dtype": dt, "rows": rows, "sets": sets, "host": host,
+                  "adapters": adapters, "density": density, "steps": steps, "repeats": repeats,
+                  "corrected_layers": len(guests.layers), "guest_dtype": str(guests.dtype).replace("torch.", "")},
+        "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
+        "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+        "vs_single": {k: round(ms["single"] / v, 3) for k, v in ms.items()},
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{dev} {dt}, {rows} rows, sets {sets} (host for mixed-host: {host})")
+        for name, value in ms.items():
+            print(f"{name:>10}: {value:8.2f} ms/step, single/{name} {report['vs_single'][name]:.3f}")
+    return report

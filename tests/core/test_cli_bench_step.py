@@ -1,0 +1,31 @@
+"""`shira bench step`: the Zipf row draw and one quick run of every variant on a small random model."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from typer.testing import CliRunner
+
+from shira_cli.bench_step import zipf_rows
+from shira_cli.main import app
+
+
+def test_zipf_rows_repeat_for_a_seed_and_favour_the_first_sets():
+    assert zipf_rows(8, 8, seed=3) == zipf_rows(8, 8, seed=3)
+    counts = Counter(zipf_rows(4000, 4))
+    assert counts[0] > counts[1] > counts[2] > counts[3] > 0
+    assert abs(counts[0] / counts[1] - 2.0) < 0.3  # p(k) proportional to 1/(k+1)
+
+
+def test_bench_step_times_every_variant_and_hosts_the_most_common_set():
+    result = CliRunner().invoke(app, ["bench", "step", "--model", "random", "--layers", "2", "--device", "cpu",
+                                      "--steps", "3", "--repeats", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout[result.stdout.index("{"):])
+    setup = report["setup"]
+    assert len(setup["sets"]) == 8 and setup["corrected_layers"] == 2 * 7
+    assert setup["host"] == Counter(setup["sets"]).most_common(1)[0][0]
+    assert set(report["ms_per_step"]) == {"base", "single", "mixed", "mixed-host"}
+    assert all(len(v) == 2 and min(v) > 0 for v in report["ms_per_step_by_repeat"].values())
+    assert report["vs_single"]["single"] == 1.0
