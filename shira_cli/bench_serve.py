@@ -156,6 +156,10 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
     # same steady state as the others rather than cold caches.
     for name in adapters:
         run_workload(url, Workload("warm-up", 1, [name]), 1, 8, seed=0)
+    # And one full batch of each shape, so first-use costs (allocator growth, kernel selection on CUDA) land here:
+    # on an H200, without this, the first 8-client workload of round 1 ran at half the speed of later rounds.
+    run_workload(url, Workload("warm-up", 8, []), 1, 8, seed=0)
+    run_workload(url, Workload("warm-up", 8, adapters, zipf=True), 1, 8, seed=0)
     samples: dict[str, list[dict]] = {w.name: [] for w in workloads}
     for r in range(rounds):
         for work in round_order(workloads, r):
