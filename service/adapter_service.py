@@ -16,6 +16,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
+from . import generation
 from .errors import (
     AdapterConflictError,
     AdapterNotFoundError,
@@ -24,7 +25,6 @@ from .errors import (
     MalformedUploadError,
     PayloadTooLargeError,
 )
-from .generation import NAME_RE
 
 BASE_MODEL_ID = "base"  # reserved: names the base model in /v1 and cannot be an adapter name
 FILE_FIELDS = ("file", "adapter_model", "adapter_config")
@@ -41,12 +41,8 @@ class UploadForm:
 
 
 def check_name(name: str) -> str:
-    """Returns the name if it is a valid adapter name; raises InvalidRequestError naming the rule otherwise."""
-    if not NAME_RE.match(name):
-        raise InvalidRequestError(
-            f"adapter name {name[:80]!r} is invalid: use 1-64 characters from a-z, 0-9, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    """generation.check_name, and the base model's reserved name refused too."""
+    generation.check_name(name)
     if name == BASE_MODEL_ID:
         raise InvalidRequestError(f"adapter name {BASE_MODEL_ID!r} is reserved for the base model")
     return name

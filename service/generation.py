@@ -5,8 +5,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from .errors import InvalidRequestError
+
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MERGES = ("linear", "ties")
+
+
+def check_name(name: str) -> str:
+    """Returns the name if it is a valid adapter name; raises InvalidRequestError naming the rule otherwise."""
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        shown = name[:80] if isinstance(name, str) else name
+        raise InvalidRequestError(
+            f"adapter name {shown!r} is invalid: use 1-64 characters from a-z, 0-9, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return name
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,6 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
@@ -40,8 +39,9 @@ from .errors import (
     RegistryUnavailableError,
     ServiceError,
 )
-from .generation import NAME_RE
+from .generation import check_name
 from .registry_events import RegistryListener
+from .registry_records import AdapterRecord, describe_client, pairs
 from .registry_scripts import COMMIT, DELETE, RECORD, STAMP
 
 log = logging.getLogger(__name__)
@@ -58,52 +58,6 @@ class RegistryIntegrityError(ServiceError):
     status, code = 500, "registry_integrity"
 
 
-@dataclass
-class AdapterRecord:
-    """One stored adapter version. ``sha256`` is of the native safetensors bytes."""
-
-    name: str
-    version: int
-    sha256: str
-    base_fingerprint: str
-    nnz: int
-    density: float
-    bytes: int
-    layers: int
-    mask: str
-    description: str
-    created: float
-    chunks: tuple[str, ...] = field(default=(), repr=False)
-
-    @property
-    def ref(self) -> str:
-        return f"{self.name}@{self.version}"
-
-    @property
-    def stamp(self) -> str:
-        """What RedisRegistry.stamp returns while this is the version asked for."""
-        return f"{self.version}:{self.sha256}"
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        del out["chunks"]
-        return out
-
-    @classmethod
-    def from_hash(cls, raw: dict[builtins.bytes, builtins.bytes]) -> AdapterRecord:
-        """From the record's Redis hash as returned by HGETALL."""
-        return cls.from_fields({k.decode(): v.decode() for k, v in raw.items()})
-
-    @classmethod
-    def from_fields(cls, h: dict[str, Any]) -> AdapterRecord:
-        return cls(
-            name=h["name"], version=int(h["version"]), sha256=h["sha256"],
-            base_fingerprint=h["base_fingerprint"], nnz=int(h["nnz"]), density=float(h["density"]),
-            bytes=int(h["bytes"]), layers=int(h["layers"]), mask=h["mask"], description=h["description"],
-            created=float(h["created"]), chunks=tuple(str(h["chunks"]).split()),
-        )
-
-
 def _guarded(method: Callable) -> Callable:
     """Turns every Redis failure into RegistryUnavailableError naming the server."""
 
@@ -118,28 +72,6 @@ def _guarded(method: Callable) -> Callable:
             ) from e
 
     return wrapper
-
-
-def describe_client(client: redis.Redis) -> str:
-    """The server a client talks to, as a URL without credentials."""
-    kw = client.connection_pool.connection_kwargs
-    if kw.get("path"):
-        return f"unix://{kw['path']}?db={kw.get('db', 0)}"
-    return f"redis://{kw.get('host', 'localhost')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
-
-
-def _pairs(flat: list) -> dict[builtins.bytes, builtins.bytes]:
-    """HGETALL as a script returns it (k1, v1, k2, v2, ...) to a dict."""
-    return dict(zip(flat[::2], flat[1::2], strict=True))
-
-
-def check_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
-        raise InvalidRequestError(
-            f"adapter name {name!r} is invalid: use 1-64 characters of a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 class RedisRegistry:
@@ -327,7 +259,7 @@ class RedisRegistry:
         if not raw:
             which = f"{name!r}" if version is None else f"{name!r} version {version}"
             raise AdapterNotFoundError(f"adapter {which} not found")
-        return AdapterRecord.from_hash(_pairs(raw))
+        return AdapterRecord.from_hash(pairs(raw))
 
     @_guarded
     def read(self, record: AdapterRecord) -> bytes:
@@ -374,7 +306,7 @@ class RedisRegistry:
         for name in names:
             self._record(args=[self.prefix, name, ""], client=pipe)
         # A name deleted between the two round trips has an empty hash: leave it out.
-        records = [AdapterRecord.from_hash(_pairs(r)) for r in pipe.execute() if r]
+        records = [AdapterRecord.from_hash(pairs(r)) for r in pipe.execute() if r]
         return records, int(total)
 
     @_guarded
