@@ -219,7 +219,10 @@ def run_serve_bench(url: str | None, token: str | None, redis_url: str | None, r
     `model` is the server's base model: the started server loads it, and the adapters are built for it. None
     reads SHIRA_BASE_MODEL, else the bundled model.
     """
+    from shira_core.models import resolve
+
     model = model or os.environ.get("SHIRA_BASE_MODEL")
+    resolve(model)  # a model that is not there fails here, in one line, not in the server's start-up log
     proc = None
     if url is None:
         token = token or secrets.token_urlsafe(24)

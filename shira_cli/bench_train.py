@@ -147,6 +147,10 @@ def run_train_bench(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq
     """
     import torch
 
+    from shira_core.models import resolve
+
+    if base != "random":
+        resolve(base)  # fails here in one line rather than in every worker
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +24,17 @@ app.add_typer(bench_app, name="bench")
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _one_line_errors() -> Iterator[None]:
+    """Known failures (a model that is not there, a bad option, a worker or server that failed) as one line."""
+    from shira_core.errors import ShiraError
+
+    try:
+        yield
+    except (ShiraError, FileNotFoundError, RuntimeError, ValueError) as e:
+        _fail(str(e))
 
 
 @app.command()
@@ -166,7 +179,8 @@ def bench_switch(
     """Apply/revert and transition vs raw LoRA fuse/unfuse, PEFT SHiRA merge/unmerge and the scatter bound."""
     from .bench_switch import run_switch_bench
 
-    run_switch_bench(density=density, repeats=repeats, model=model, as_json=json_out)
+    with _one_line_errors():
+        run_switch_bench(density=density, repeats=repeats, model=model, as_json=json_out)
 
 
 @bench_app.command("serve")
@@ -185,7 +199,8 @@ def bench_serve(
     """Tokens/s and p50/p99 for 8 clients on one adapter, 8 adapters under Zipf traffic, and the base model."""
     from .bench_serve import run_serve_bench
 
-    run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out, model)
+    with _one_line_errors():
+        run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out, model)
 
 
 @bench_app.command("train")
@@ -203,11 +218,9 @@ def bench_train(
     """Step time and peak memory: SHiRA sparse-param and grad-mask vs PEFT LoRA and PEFT SHiRA."""
     from .bench_train import run_train_bench
 
-    try:
+    with _one_line_errors():
         run_train_bench(rank=rank, layers=layers, batch_size=batch_size, seq_len=seq_len, steps=steps,
                         rounds=rounds, device=device, as_json=json_out, base=base)
-    except RuntimeError as e:
-        _fail(str(e))
 
 
 @bench_app.command("step")
@@ -225,11 +238,9 @@ def bench_step(
     """Decode-step time in process: base, one adapter applied, and rows of several adapters (guest rows)."""
     from .bench_step import run_step_bench
 
-    try:
+    with _one_line_errors():
         run_step_bench(model=model, layers=layers, device=device, dtype=dtype, rows=rows, adapters=adapters,
                        steps=steps, repeats=repeats, as_json=json_out)
-    except (RuntimeError, ValueError) as e:
-        _fail(str(e))
 
 
 @app.command()

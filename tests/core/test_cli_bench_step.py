@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pytest
 from typer.testing import CliRunner
 
 from shira_cli.bench_step import zipf_rows
@@ -29,3 +30,12 @@ def test_bench_step_times_every_variant_and_hosts_the_most_common_set():
     assert set(report["ms_per_step"]) == {"base", "single", "mixed", "mixed-host"}
     assert all(len(v) == 2 and min(v) > 0 for v in report["ms_per_step_by_repeat"].values())
     assert report["vs_single"]["single"] == 1.0
+
+
+@pytest.mark.parametrize("args", [["step", "--model"], ["switch", "--model"], ["train", "--base"],
+                                  ["serve", "--model"]])
+def test_bench_commands_refuse_a_missing_model_in_one_line(tmp_path, args):
+    result = CliRunner().invoke(app, ["bench", *args, str(tmp_path / "nope")])
+    assert result.exit_code == 2
+    assert "nope is neither a .gguf file nor a model directory" in result.output
+    assert "Traceback" not in result.output
