@@ -104,7 +104,10 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
     runs: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for name, (applied, context) in variants.items():
-            switcher.apply(applied) if applied is not None else switcher.revert()
+            if applied is None:
+                switcher.revert()
+            else:
+                switcher.apply(applied)
             runs[name].append(timer.median_ms(context, steps))
     switcher.revert()
     guests.close()

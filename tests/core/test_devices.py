@@ -23,6 +23,14 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SERVING = [(d, t) for d in DEVICES for t in (torch.float32, torch.bfloat16)]
 
 
+def _use(switcher: Switcher, plan) -> None:
+    """Applies the plan, or reverts to the base for None."""
+    if plan is None:
+        switcher.revert()
+    else:
+        switcher.apply(plan)
+
+
 def _on(tiny_llama, device: str, dtype: torch.dtype, **kwargs):
     return tiny_llama(seed=5, vocab=64, hidden=32, **kwargs).to(device=device, dtype=dtype)
 
@@ -61,7 +69,7 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
 
     expected = []
     for r, s in enumerate(sets):
-        switcher.apply(plans[s]) if s is not None else switcher.revert()
+        _use(switcher, plans[s] if s is not None else None)
         expected.append(logits(ids[r : r + 1])[0])
     expected = torch.stack(expected)
     switcher.apply(plans[0])  # host: set 0, so set rows carry d_S - d_0 and base rows carry -d_0
@@ -75,7 +83,7 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
     switcher.revert()
     alone_last = []
     for r, s in enumerate(sets):
-        switcher.apply(plans[s]) if s is not None else switcher.revert()
+        _use(switcher, plans[s] if s is not None else None)
         alone_last.append(logits(ids[r : r + 1, -1:])[0])
     switcher.revert()
     guests.close()

@@ -81,6 +81,19 @@ def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
+def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(bound):
+    model, switcher, guests, plans, _ = bound
+    a, b = guests.delta(plans[0]), guests.delta(plans[1])
+    mixed = [(a,), (b,), (a,)]  # three runs: one block-diagonal product per layer
+    assert guests.prefill_plan(mixed) is guests.decode_plan(mixed)  # built once for the prefill and the steps
+    single = guests.prefill_plan([(a,), (a,)])  # one run: one in-place product, no copy of the deltas
+    assert single is not guests.decode_plan([(a,), (a,)])
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
+    expected = isolated(model, switcher, plans, [0, 0], ids)
+    with guests.active(single):
+        torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
     model, switcher, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
