@@ -1,6 +1,7 @@
 """`shira bench step`: one decode step of a batch, in process, with and without rows of other adapter sets.
 
-Variants, alternated within each repeat so that drift in the machine's speed hits each alike:
+Variants, each with its own prefilled batch, visited in turn for `--steps` steps per round so that drift in the
+machine's speed hits each alike:
   base        the base weights
   single      one adapter applied (the Switcher's scatter), every row on it
   mixed       rows drawn from a Zipf distribution over the adapters; the base hosts and every adapted row is
@@ -36,7 +37,7 @@ def zipf_rows(rows: int, sets: int, seed: int = 0) -> list[int]:
 
 
 class StepTimer:
-    """Prefills a fixed batch once per run, then times decode steps (synchronized on CUDA)."""
+    """Decode steps of a fixed prefilled batch, timed one by one (synchronized on CUDA)."""
 
     def __init__(self, model: torch.nn.Module, rows: int, prompt_len: int = 40) -> None:
         self.model = model
@@ -53,29 +54,37 @@ class StepTimer:
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def median_ms(self, context: Any, steps: int) -> float:
+    def start(self) -> dict[str, Any]:
+        """A prefilled batch: its cache, next tokens and attention mask."""
         from transformers import DynamicCache
 
-        cache = {self.cache_arg: DynamicCache(config=self.model.config)}
-        token = self.model(input_ids=self.ids, use_cache=True, **cache).logits[:, -1].argmax(-1, keepdim=True)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(input_ids=self.ids, use_cache=True, **{self.cache_arg: cache}).logits
         mask = torch.ones(self.ids.shape, dtype=torch.long, device=self.device)
+        return {"cache": cache, "token": logits[:, -1].argmax(-1, keepdim=True), "mask": mask}
+
+    @torch.inference_mode()
+    def steps_ms(self, state: dict[str, Any], context: Any, steps: int) -> list[float]:
+        """Runs `steps` decode steps of the batch inside `context`; returns each one's milliseconds."""
         times = []
         for _ in range(steps):
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
             self._sync()
-            start = time.perf_counter()
+            begin = time.perf_counter()
             with context():
-                out = self.model(input_ids=token, attention_mask=mask, use_cache=True, **cache)
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = self.model(input_ids=state["token"], attention_mask=state["mask"], use_cache=True,
+                                 **{self.cache_arg: state["cache"]})
+            state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
             self._sync()
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times[2:] if steps > 4 else times)
+            times.append(1e3 * (time.perf_counter() - begin))
+        return times
 
 
 def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
                    rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 40, repeats: int = 3,
                    as_json: bool = False) -> dict[str, Any]:
-    """Times the four variants `repeats` times and prints ms/step medians and the ratios against `single`."""
+    """Times `steps` decode steps of each variant in each of `repeats` rounds; prints the ms/step medians and the
+    ratios against `single`, over all steps and round by round."""
     from shira_core.guest_rows import GuestRows
     from shira_core.models import linear_weight_names, pick_device, pick_dtype
     from shira_core.switcher import Switcher
@@ -101,29 +110,39 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
 
     variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext),
                 "mixed": (None, under(mixed)), "mixed-host": (plans[host], under(hosted))}
-    runs: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
+    # Each variant keeps its own batch; the rounds visit them in turn for a few steps each, so drift in the
+    # machine's speed over seconds hits all alike, and each round's ratios pair neighbouring steps.
+    states = {name: timer.start() for name in variants}
+    rounds: dict[str, list[list[float]]] = {k: [] for k in variants}
+    for r in range(repeats + 1):  # round 0 warms each variant up and is not counted
         for name, (applied, context) in variants.items():
             if applied is None:
                 switcher.revert()
             else:
                 switcher.apply(applied)
-            runs[name].append(timer.median_ms(context, steps))
+            times = timer.steps_ms(states[name], context, steps if r else 2)
+            if r:
+                rounds[name].append(times)
     switcher.revert()
     guests.close()
-    ms = {k: statistics.median(v) for k, v in runs.items()}
+    ms = {k: statistics.median(t for times in v for t in times) for k, v in rounds.items()}
+    by_round = {k: [statistics.median(times) for times in v] for k, v in rounds.items()}
+    paired = {k: [s / t for s, t in zip(by_round["single"], v, strict=True)] for k, v in by_round.items()}
     report = {
         "setup": {"model": model, "device": str(dev), "dtype": dt, "rows": rows, "sets": sets, "host": host,
                   "adapters": adapters, "density": density, "steps": steps, "repeats": repeats,
                   "corrected_layers": len(guests.layers), "guest_dtype": str(guests.dtype).replace("torch.", "")},
         "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
-        "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+        "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in by_round.items()},
         "vs_single": {k: round(ms["single"] / v, 3) for k, v in ms.items()},
+        "vs_single_by_repeat": {k: [round(x, 3) for x in v] for k, v in paired.items()},
+        "vs_single_repeat_median": {k: round(statistics.median(v), 3) for k, v in paired.items()},
     }
     if as_json:
         print(json.dumps(report, indent=2))
     else:
         print(f"{dev} {dt}, {rows} rows, sets {sets} (host for mixed-host: {host})")
         for name, value in ms.items():
-            print(f"{name:>10}: {value:8.2f} ms/step, single/{name} {report['vs_single'][name]:.3f}")
+            print(f"{name:>10}: {value:8.2f} ms/step, single/{name} {report['vs_single'][name]:.3f} "
+                  f"(median of rounds {report['vs_single_repeat_median'][name]:.3f})")
     return report

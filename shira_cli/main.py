@@ -231,8 +231,8 @@ def bench_step(
     dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")] = "auto",
     rows: Annotated[int, typer.Option(help="Rows in the decode batch.")] = 8,
     adapters: Annotated[int, typer.Option(help="Adapters the rows are drawn from (Zipf).")] = 8,
-    steps: Annotated[int, typer.Option(help="Decode steps per timed run; the median is kept.")] = 40,
-    repeats: Annotated[int, typer.Option(help="Rounds over the variants; medians over rounds.")] = 3,
+    steps: Annotated[int, typer.Option(help="Decode steps of each variant per round.")] = 5,
+    repeats: Annotated[int, typer.Option(help="Rounds over the variants (after one warm-up round).")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Decode-step time in process: base, one adapter applied, and rows of several adapters (guest rows)."""

@@ -29,7 +29,8 @@ def test_bench_step_times_every_variant_and_hosts_the_most_common_set():
     assert setup["host"] == Counter(setup["sets"]).most_common(1)[0][0]
     assert set(report["ms_per_step"]) == {"base", "single", "mixed", "mixed-host"}
     assert all(len(v) == 2 and min(v) > 0 for v in report["ms_per_step_by_repeat"].values())
-    assert report["vs_single"]["single"] == 1.0
+    assert report["vs_single"]["single"] == 1.0 and report["vs_single_by_repeat"]["single"] == [1.0, 1.0]
+    assert len(report["vs_single_by_repeat"]["mixed"]) == 2
 
 
 @pytest.mark.parametrize("args", [["step", "--model"], ["switch", "--model"], ["train", "--base"],
