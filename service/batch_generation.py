@@ -55,7 +55,7 @@ class Row:
 class Guests(Protocol):
     """Mixed-set batches: per-row corrections applied during each forward pass (see service.mixed_batches)."""
 
-    def prefill(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
+    def prefill(self, rows: list[Row], joining: bool) -> contextlib.AbstractContextManager[Any]: ...
 
     def decode(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
 
@@ -117,7 +117,7 @@ class BatchGenerator:
             if pending:
                 for row in pending:
                     self._init_row(row)
-                with guests.prefill(pending) if guests else contextlib.nullcontext():
+                with guests.prefill(pending, batch is not None) if guests else contextlib.nullcontext():
                     joined, first = self._prefill(pending)
                 produced += self._advance(joined, first.tolist())
                 batch = self._merge(batch, joined)

@@ -156,14 +156,17 @@ class MixedBatches:
             yield
 
     @contextlib.contextmanager
-    def prefill(self, rows: Sequence[Row]) -> Iterator[None]:
-        """Prefills joining rows under the current host (a switch for a prefill rarely pays), or under the best
-        host for them when the weights hold a set that cannot be a host here (left by a batch of its own)."""
+    def prefill(self, rows: Sequence[Row], joining: bool = True) -> Iterator[None]:
+        """Prefills rows. A batch's first rows go under the host its decode steps will choose, so the prefill
+        and the first steps share one plan and no row carries the old host's delta. Rows joining a running
+        batch go under the current host (a switch for a prefill rarely pays), unless the weights hold a set
+        that cannot be a host here (left by a batch of its own)."""
         host = self._active()
-        if host not in self._deltas:
+        if not joining or host not in self._deltas:
             host = self.choose_host(rows)
-            self._switch(host, self._sets.get(host))
-            self.host_switches += 1
+            if host != self._active():
+                self._switch(host, self._sets.get(host))
+                self.host_switches += 1
         with self.guests.active(self._plan(rows, host, prefill=True)):
             yield
 

@@ -216,3 +216,29 @@ def test_scheduler_take_stops_at_the_first_ticket_that_does_not_fit():
     assert [t.item for t in s.take_oldest({"a", "big"}, 8, admits)] == [1]  # 3 does not overtake 2
     assert asked == ["a", "big"] and s.depth == 2
     assert [t.item for t in s.take_oldest({"a", "big"}, 8, lambda key: True)] == [2, 3]
+
+
+def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
+    engine, _ = tiny_mixed
+    mixed = engine._worker.mixed
+    ids = engine.encode(prompt="Hello there")
+    depths: list[int] = []
+    plan_for = mixed.guests.prefill_plan
+
+    def spy(terms):
+        depths.append(max(len(t) for t in terms))
+        return plan_for(terms)
+
+    mixed.guests.prefill_plan = spy
+
+    async def run():
+        await engine.generate(request(ids, "a1", n=2))  # leaves a1 in the weights
+        depths.clear()
+        sets = [("a2",), ("a3",), (), ("a2",)]  # the base hosts these best
+        return await asyncio.gather(*(engine.generate(request(ids, *s, n=4)) for s in sets))
+
+    results = asyncio.run(run())
+    assert all(r.completion_tokens == 4 for r in results)
+    # Prefilled under a1, every row would carry a1's negated delta too (depth 2), and the first decode step
+    # would switch to the base and build a second plan.
+    assert depths and max(depths) == 1
