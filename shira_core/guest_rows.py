@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .errors import ShiraError
 from .switcher import Switcher, SwitchPlan
@@ -102,6 +103,16 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and the kernels are what we want
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, shape)
+
+
+def _sparse_mm(matrix: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """matrix @ dense for a CSR matrix. On the CPU, embedding_bag's kernel (one weighted sum of dense rows per
+    matrix row) runs it ~1.9x faster than MKL's CSR product at prefill widths (8 rows x 45 tokens of a 135M
+    model: +62 instead of +81 ms over a 354 ms prefill). MKL stays faster for one column, so decode keeps it."""
+    if matrix.device.type != "cpu":
+        return torch.mm(matrix, dense)
+    return F.embedding_bag(matrix.col_indices(), dense, matrix.crow_indices(), mode="sum",
+                           per_sample_weights=matrix.values(), include_last_offset=True)
 
 
 def _sparse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -312,7 +323,7 @@ class GuestRows:
             if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass: all rows' tokens in one product
                 rows, tokens = x.shape[0], x.shape[1]
                 xs = x.transpose(-1, -2).reshape(-1, tokens).to(matrix.dtype)  # [rows * in, tokens], row blocks
-                ys = torch.mm(matrix, xs)  # [depth * rows * out, tokens]
+                ys = _sparse_mm(matrix, xs)  # [depth * rows * out, tokens]
                 if plan.depth > 1:
                     ys = ys.view(rows, plan.depth, -1, tokens).sum(1)
                 out.add_(ys.view(rows, -1, tokens).transpose(-1, -2))
