@@ -120,6 +120,8 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
                 switcher.revert()
             else:
                 switcher.apply(applied)
+            if context is contextlib.nullcontext:
+                guests.forget_plans()  # as the service does after a mixed batch: plain steps carry no hooks
             times = timer.steps_ms(states[name], context, steps if r else 2)
             if r:
                 rounds[name].append(times)

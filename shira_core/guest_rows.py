@@ -1,8 +1,8 @@
 """Guest rows: rows of other adapter sets sharing the forward passes of a batch whose weights hold one set.
 
 The Switcher writes one set H (the host, or nothing: the base) into the weights, so every Linear computes
-W_H x. A row of another set G (a guest) needs W_G x, so a wrapper around each Linear's forward adds (W_G - W_H) x
-to its output rows.
+W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output
+rows.
 With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, both built once per set straight
 from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
@@ -22,7 +22,6 @@ import contextlib
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -97,9 +96,6 @@ class _PrefillPlan:
     products: list[list[tuple[int, int, torch.Tensor]]]  # per layer: (first row, end row, CSR matrix) per run
 
 
-_NOTHING = object()  # marks a module that had no forward attribute of its own
-
-
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -137,12 +133,13 @@ def _sparse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class GuestRows:
-    """Wraps the forward of a model's Linear layers to correct chosen batch rows to their own adapter set.
+    """Forward hooks on a model's Linear layers that correct chosen batch rows to their own adapter set.
 
-    Bind once after the Switcher. The wrappers do nothing until a plan is made active with `active(plan)`, so
-    plain forward passes cost one Python call per Linear. They replace each module's `forward` rather than
-    register forward hooks: a module with hooks takes nn.Module's slow call path, which cost 1.3 ms of a 66 ms
-    decode step with no plan active and 0.8 ms of an 80 ms mixed one (210 layers, 8 rows, 2-core CPU).
+    Bind once after the Switcher. The hooks are registered when a plan is first made active (`active(plan)`) and
+    removed by `forget_plans()` or `close()`: a module with hooks takes nn.Module's slow call path on every call,
+    which cost 1.3 ms of a 66 ms decode step with no plan (210 layers, 8 rows, 2-core CPU), so batches of one
+    set should not carry them. A hook corrects only the module it was registered on, so a deep copy of the model
+    (which copies the hooks) computes plain outputs.
 
     Args:
         model: the model the Switcher is bound to.
@@ -162,8 +159,9 @@ class GuestRows:
         # Per flat buffer: sorted (offset, numel, layer id or -1 when the weight is not a Linear-only weight).
         self._spans: dict[int, tuple[torch.Tensor, list[int], list[str]]] = {}
         spans: dict[int, list[tuple[int, int, int, str]]] = {}
-        self._wrapped: list[tuple[nn.Module, Any, Any]] = []  # (module, the wrapper, the attribute it replaced)
-        self._bound = True
+        self._targets: list[tuple[nn.Module, int]] = []  # (Linear, layer id) to hook while plans are in use
+        self._handles: list = []
+        self._closed = False
         for name, param in switcher._params.items():  # noqa: SLF001 - same package, the slot map is the source
             slot = switcher._slots[name]  # noqa: SLF001
             owners = users.get(id(param), [])
@@ -172,8 +170,7 @@ class GuestRows:
             if linear and len(slot.shape) == 2:
                 lid = len(self.layers)
                 self.layers.append(_Layer(name, slot.shape[0], slot.shape[1]))
-                for module, _ in owners:
-                    self._wrap(module, lid)
+                self._targets += [(module, lid) for module, _ in owners]
             spans.setdefault(slot.group, []).append((slot.offset, slot.numel, lid, name))
         for gid, items in spans.items():
             items.sort()
@@ -187,15 +184,18 @@ class GuestRows:
         self._zero = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     def close(self) -> None:
-        """Puts back each Linear's own forward (a wrapper that someone wrapped again stays, inert)."""
-        self._bound = False
-        for module, wrapper, previous in self._wrapped:
-            if module.__dict__.get("forward") is wrapper:
-                if previous is _NOTHING:
-                    del module.forward
-                else:
-                    module.forward = previous
-        self._wrapped.clear()
+        """Removes the hooks for good: plans made active afterwards have no effect."""
+        self._closed = True
+        self._unhook()
+
+    def _hook(self) -> None:
+        if not self._handles and not self._closed:
+            self._handles = [m.register_forward_hook(self._hook_for(m, lid)) for m, lid in self._targets]
+
+    def _unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
     # -- deltas ----------------------------------------------------------------------------------------
 
@@ -205,7 +205,7 @@ class GuestRows:
 
         Raises:
             GuestSetError: the plan changes a weight that is not only used as an nn.Linear weight
-                (a tied embedding, a norm), which a Linear wrapper cannot correct.
+                (a tied embedding, a norm), which a Linear hook cannot correct.
         """
         layers: dict[int, _LayerDelta] = {}
         for part in plan.parts:
@@ -250,8 +250,10 @@ class GuestRows:
         return self._decode
 
     def forget_plans(self) -> None:
-        """Drops the cached decode plan (it holds a copy of every row's delta)."""
+        """Drops the cached decode plan (it holds a copy of every row's delta) and the hooks, until the next plan."""
         self._decode = self._decode_key = None
+        if self._active is None:
+            self._unhook()
 
     def _build_decode(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _DecodePlan:
         # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
@@ -310,26 +312,23 @@ class GuestRows:
     @contextlib.contextmanager
     def active(self, plan: _DecodePlan | _PrefillPlan | None) -> Iterator[None]:
         """Makes `plan` apply to the forward passes inside the block (None: plain forward passes)."""
+        if plan is not None:
+            self._hook()
         previous, self._active = self._active, plan
         try:
             yield
         finally:
             self._active = previous
 
-    # -- the wrapper -----------------------------------------------------------------------------------
+    # -- the hook --------------------------------------------------------------------------------------
 
-    def _wrap(self, module: nn.Module, lid: int) -> None:
-        inner = module.forward  # the bound method, or a forward someone set on the module before us
-
-        def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-            out = inner(x, *args, **kwargs)
+    def _hook_for(self, owner: nn.Module, lid: int):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             plan = self._active
-            if plan is not None and self._bound:
-                self._correct(plan, lid, x, out)
-            return out
+            if plan is not None and module is owner:
+                self._correct(plan, lid, args[0], output)
 
-        self._wrapped.append((module, forward, module.__dict__.get("forward", _NOTHING)))
-        module.forward = forward
+        return hook
 
     def _correct(self, plan: _DecodePlan | _PrefillPlan, lid: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if x.shape[0] != plan.rows:

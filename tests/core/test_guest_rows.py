@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -94,7 +96,7 @@ def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(b
         torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_wrappers_do_nothing_without_a_plan_and_close_removes_them(bound):
+def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
     model, switcher, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
@@ -104,37 +106,27 @@ def test_wrappers_do_nothing_without_a_plan_and_close_removes_them(bound):
     assert guests.decode_plan([(), (delta,)]) is not plan
     guests.close()
     with guests.active(guests.prefill_plan([(delta,), (delta,)])):
-        after = logits(model, ids)  # wrappers removed: the plan has no effect
+        after = logits(model, ids)  # hooks removed: the plan has no effect
     assert torch.equal(before, after)
 
 
-def test_close_puts_back_a_forward_set_before_binding_and_leaves_a_later_wrapper_inert(tiny_llama):
-    model = tiny_llama(seed=3, vocab=64, hidden=32)
+def test_hooks_are_there_only_while_plans_are_in_use_and_a_deep_copy_is_not_corrected(bound):
+    model, _, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
-    q = model.model.layers[0].self_attn.q_proj
-    calls = []
-    own = q.forward
-
-    def counted(x):  # someone's own wrapper, set before the guests bind
-        calls.append(1)
-        return own(x)
-
-    q.forward = counted
-    switcher = Switcher(model)
-    guests = GuestRows(model, switcher)
-    plan = guests.prefill_plan([(guests.delta(switcher.prepare([(adapter(model, "s", 1), 1.0)])),), ()])
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert not any(m._forward_hooks for m in linears)  # no plan yet: plain calls take nn.Module's fast path
+    plan = guests.prefill_plan([(guests.delta(plans[0]),), ()])
     with guests.active(plan):
         corrected = logits(model, ids)
-    assert calls and not torch.allclose(corrected[0], before[0], atol=1e-3)  # it ran through both wrappers
-    torch.testing.assert_close(corrected[1], before[1])  # the uncorrected row is the base's
-    k = model.model.layers[0].self_attn.k_proj
-    wrapped_again = k.forward
-    k.forward = lambda x: wrapped_again(x)  # someone wraps a guest wrapper after binding
-    guests.close()
-    assert q.forward is counted  # put back as it was
+        twin = copy.deepcopy(model)  # copies the hooks too
+    assert any(m._forward_hooks for m in linears)
     with guests.active(plan):
-        assert torch.equal(logits(model, ids), before)  # the wrapper left inside k's chain does nothing now
+        assert torch.equal(logits(twin, ids), before)  # the copied hooks leave the copy alone
+    assert not torch.allclose(corrected[0], before[0], atol=1e-3)
+    guests.forget_plans()
+    assert not any(m._forward_hooks for m in linears)
+    assert torch.equal(logits(model, ids), before)
 
 
 def test_a_plan_for_another_row_count_is_refused(bound):
