@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from typing import Any, Protocol
 import torch
 from transformers import DynamicCache
 
+from . import metrics
 from .generation import SamplingParams
 
 
@@ -118,8 +120,11 @@ class BatchGenerator:
                 for row in pending:
                     self._init_row(row)
                 with guests.prefill(pending, batch is not None) if guests else contextlib.nullcontext():
+                    start = time.perf_counter()
                     joined, first = self._prefill(pending)
-                produced += self._advance(joined, first.tolist())
+                    tokens = first.tolist()  # waits for the device, so the time is the pass's
+                    metrics.STEP_SECONDS.labels("prefill").observe(time.perf_counter() - start)
+                produced += self._advance(joined, tokens)
                 batch = self._merge(batch, joined)
                 batch = self._drop_finished(batch)
             if batch is None:
@@ -129,6 +134,7 @@ class BatchGenerator:
                 continue
             batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
             with guests.decode(batch.rows) if guests else contextlib.nullcontext():
+                start = time.perf_counter()
                 logits = self.model(
                     input_ids=batch.last[:, None],
                     attention_mask=batch.mask,
@@ -136,9 +142,11 @@ class BatchGenerator:
                     use_cache=True,
                     **{self._cache_arg: batch.cache},
                 ).logits[:, -1]
+                batch.last = self._sample(logits, batch.rows)
+                tokens = batch.last.tolist()
+                metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)
             batch.positions = batch.positions + 1
-            batch.last = self._sample(logits, batch.rows)
-            produced += self._advance(batch, batch.last.tolist())
+            produced += self._advance(batch, tokens)
             batch = self._drop_finished(batch)
             room = max_rows - (len(batch.rows) if batch else 0)
             pending = admit(room) if admit and room > 0 else []

@@ -28,5 +28,16 @@ QUEUE_SECONDS = Histogram("shira_queue_seconds", "Time a request waited before i
 GENERATE_SECONDS = Histogram("shira_generate_seconds", "Time spent generating for one batch.")
 GENERATED_TOKENS = Counter("shira_generated_tokens_total", "Tokens generated.")
 BATCH_SIZE = Histogram("shira_batch_size", "Requests per generation batch.", buckets=(1, 2, 4, 8, 16, 32, 64))
+STEP_SECONDS = Histogram(
+    "shira_step_seconds",
+    "One forward pass of a batch and its sampling, by kind (prefill: new rows' prompts; decode: one token a row).",
+    ["kind"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+GUEST_PLAN_BUILD_SECONDS = Histogram(
+    "shira_guest_plan_build_seconds",
+    "Time to build a mixed batch's correction plan (rebuilt when the batch's rows or host change).",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
 QUEUE_DEPTH = Gauge("shira_queue_depth", "Requests waiting for a batch.")
 ACTIVE_ADAPTER = Info("shira_active_adapter", "The adapter set currently applied to the base weights.")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any
@@ -174,7 +175,11 @@ class MixedBatches:
         terms = [self._terms(r.set_key, host) for r in rows]
         if not any(terms):
             return None
-        return self.guests.prefill_plan(terms) if prefill else self.guests.decode_plan(terms)
+        builds, start = self.guests.builds, time.perf_counter()
+        plan = self.guests.prefill_plan(terms) if prefill else self.guests.decode_plan(terms)
+        if self.guests.builds != builds:
+            metrics.GUEST_PLAN_BUILD_SECONDS.observe(time.perf_counter() - start)
+        return plan
 
     def _terms(self, key: Hashable, host: Hashable) -> tuple[SetDelta, ...]:
         """The deltas that turn the host's output into this set's: d_key - d_host."""

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import httpx
 import typer
 
+from .serve_phases import phases, scrape
+
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
     "Explain how a bicycle works to a child.",
@@ -145,7 +147,8 @@ def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tok
     }
 
 
-def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int, max_new_tokens: int) -> dict:
+def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int, max_new_tokens: int,
+            token: str | None = None) -> dict:
     workloads = [
         Workload("base", 8, []),
         Workload("single", 8, adapters[:1]),
@@ -161,10 +164,13 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
     run_workload(url, Workload("warm-up", 8, []), 1, 8, seed=0)
     run_workload(url, Workload("warm-up", 8, adapters, zipf=True), 1, 8, seed=0)
     samples: dict[str, list[dict]] = {w.name: [] for w in workloads}
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     for r in range(rounds):
         for work in round_order(workloads, r):
             n = requests_per_client * (2 if work.clients == 1 else 1)
+            before = scrape(url, headers)
             samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
+            samples[work.name][-1]["phases"] = phases(before, scrape(url, headers))
             rate = samples[work.name][-1]["tokens_per_s"]
             typer.echo(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s", err=True)
     return summarize(samples)
@@ -193,6 +199,11 @@ def summarize(samples: dict[str, list[dict]]) -> dict:
         rounds = [round(t["tokens_per_s"] / b["tokens_per_s"], 3) for t, b in pairs]
         out[f"{ratio}_by_round"] = rounds
         out[f"{ratio}_round_median"] = round(statistics.median(rounds), 3)
+    # The worker's time by phase (server /metrics), medians over rounds: where the ratios come from.
+    for name, runs in samples.items():
+        found = [r["phases"] for r in runs if r.get("phases")]
+        if found:
+            out[f"{name}_phases"] = {k: statistics.median(p[k] for p in found) for k in found[0]}
     return out
 
 
@@ -209,6 +220,13 @@ def _report(result: dict) -> str:
     for ratio, label in (("mixed_vs_single", "mixed / single"), ("single_vs_base", "single / base")):
         rounds = ", ".join(f"{r:.3f}" for r in result[f"{ratio}_by_round"])
         lines.append(f"{label} by round: {rounds} (median {result[f'{ratio}_round_median']:.3f})")
+    if all(f"{name}_phases" in result for name in ("base", "single", "mixed", "one")):
+        lines += ["", "worker time, ms per decode step (median of rounds):",
+                  f"{'workload':10s} {'decode':>8s} {'prefill':>8s} {'plans':>8s} {'switch':>8s} {'steps':>6s}"]
+        for name in ("base", "single", "mixed", "one"):
+            p = result[f"{name}_phases"]
+            lines.append(f"{name:10s} {p['decode_ms']:8.1f} {p['prefill_ms']:8.1f} {p['plan_build_ms']:8.1f} "
+                         f"{p['switch_ms']:8.1f} {p['decode_steps']:6.0f}")
     return "\n".join(lines)
 
 
@@ -234,7 +252,7 @@ def run_serve_bench(url: str | None, token: str | None, redis_url: str | None, r
         raise typer.BadParameter("--admin-token is needed with --url (to upload the benchmark adapters)")
     try:
         adapters = upload_random_adapters(url, token, 8, density, model)
-        result = measure(url, adapters, rounds, requests, max_new_tokens)
+        result = measure(url, adapters, rounds, requests, max_new_tokens, token)
         result.update(rounds=rounds, requests_per_client=requests, max_new_tokens=max_new_tokens, density=density)
     finally:
         if proc is not None:

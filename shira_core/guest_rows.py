@@ -152,6 +152,7 @@ class GuestRows:
         self._active: _DecodePlan | _PrefillPlan | None = None
         self._decode_key: tuple | None = None
         self._decode: _DecodePlan | None = None
+        self.builds = 0  # decode plans built so far (asks that missed the cache)
         users: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -256,6 +257,7 @@ class GuestRows:
             self._unhook()
 
     def _build_decode(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _DecodePlan:
+        self.builds += 1
         # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
         rows, depth = len(terms), max((len(t) for t in terms), default=0)
         blocks = [t[k] if k < len(t) else None for t in terms for k in range(depth)]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
+from prometheus_client import CollectorRegistry, Histogram, start_http_server
+
 from shira_cli.bench_serve import _report, round_order, summarize
+from shira_cli.serve_phases import phases, scrape
 
 
 def run(rate: float, p50: float = 1000.0) -> dict:
@@ -38,3 +43,44 @@ def test_each_round_starts_at_a_different_workload_and_runs_every_one_once():
     assert [o[0] for o in orders] == ["base", "single", "mixed", "one", "base"]
     assert all(sorted(o) == sorted(names) for o in orders)
     assert orders[1] == ["single", "mixed", "one", "base"]
+
+
+def test_phases_come_from_the_servers_metrics_per_decode_step():
+    registry = CollectorRegistry()
+    step = Histogram("shira_step_seconds", "", ["kind"], registry=registry)
+    build = Histogram("shira_guest_plan_build_seconds", "", registry=registry)
+    switch = Histogram("shira_switch_seconds", "", ["kind"], registry=registry)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server, thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        step.labels("decode").observe(9.0)  # before the workload: not counted
+        before = scrape(url)
+        for _ in range(4):
+            step.labels("decode").observe(0.05)
+        step.labels("prefill").observe(0.1)
+        build.observe(0.02)
+        switch.labels("apply").observe(0.01)
+        switch.labels("revert").observe(0.01)
+        got = phases(before, scrape(url))
+    finally:
+        server.shutdown()
+        thread.join(timeout=5)
+    assert got == {"decode_ms": 50.0, "prefill_ms": 25.0, "plan_build_ms": 5.0, "switch_ms": 5.0,
+                   "decode_steps": 4, "prefills": 1, "plan_builds": 1}
+    assert scrape(url) is None  # the server is gone: no phases rather than an error
+    assert phases(before, None) is None and phases(before, before) is None  # no decode step: nothing to divide
+
+
+def test_summary_and_report_carry_the_median_phases():
+    def with_phases(rate: float, decode: float) -> dict:
+        return {**run(rate), "phases": {"decode_ms": decode, "prefill_ms": 10.0, "plan_build_ms": 0.0,
+                                        "switch_ms": 0.0, "decode_steps": 128, "prefills": 8, "plan_builds": 0}}
+
+    samples = {name: [with_phases(40, 60), with_phases(40, 64), with_phases(40, 80)]
+               for name in ("base", "single", "mixed", "one")}
+    out = summarize(samples)
+    assert out["mixed_phases"]["decode_ms"] == 64 and out["mixed_phases"]["prefills"] == 8
+    assert "mixed          64.0     10.0      0.0      0.0    128" in _report(out)

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
 
 from service import metrics
@@ -37,13 +38,23 @@ def test_rows_of_many_sets_share_one_batch_and_the_base_is_restored(tiny_mixed):
     ids = engine.encode(prompt="Hello there")
     sets = [(), ("a1",), ("a2",), ("a3",), ("a1", "a2"), ("a1",)]
 
+    def count(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
     async def run():
         first = await engine.generate(request(ids, "a1", n=2))  # plans and deltas of a1 cached, a1 applied
         batches = engine.status()["batches"]
         results = await asyncio.gather(*(engine.generate(request(ids, *s, n=6)) for s in sets))
         return first, results, engine.status()["batches"] - batches
 
+    steps = count("shira_step_seconds_count", kind="decode"), count("shira_step_seconds_count", kind="prefill")
+    builds = count("shira_guest_plan_build_seconds_count")
     first, results, batches = asyncio.run(run())
+    # The worker's phases reach /metrics: at least 5 more decode steps (6 tokens: the first comes from the
+    # prefill), the prefills, and the plan builds of the mixed batch.
+    assert count("shira_step_seconds_count", kind="decode") >= steps[0] + 5
+    assert count("shira_step_seconds_count", kind="prefill") >= steps[1] + 2
+    assert count("shira_guest_plan_build_seconds_count") > builds
     assert first.timings.switch_ms > 0  # the host switch inside a mixed batch is reported to its rows
     assert batches <= 2  # one mixed batch (a late arrival may start a second), not one per set
     assert [[a["name"] for a in r.adapters] for r in results] == [list(s) for s in sets]
