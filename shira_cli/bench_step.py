@@ -81,7 +81,7 @@ class StepTimer:
 
 
 def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
-                   rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 40, repeats: int = 3,
+                   rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 5, repeats: int = 10,
                    as_json: bool = False) -> dict[str, Any]:
     """Times `steps` decode steps of each variant in each of `repeats` rounds; prints the ms/step medians and the
     ratios against `single`, over all steps and round by round."""

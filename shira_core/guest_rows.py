@@ -1,8 +1,7 @@
 """Guest rows: rows of other adapter sets sharing the forward passes of a batch whose weights hold one set.
 
 The Switcher writes one set H (the host, or nothing: the base) into the weights, so every Linear computes
-W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output
-rows.
+W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output rows.
 With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, both built once per set straight
 from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
