@@ -57,7 +57,7 @@ class Row:
 class Guests(Protocol):
     """Mixed-set batches: per-row corrections applied during each forward pass (see service.mixed_batches)."""
 
-    def prefill(self, rows: list[Row], joining: bool) -> contextlib.AbstractContextManager[Any]: ...
+    def prefill(self, rows: list[Row], running: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
 
     def decode(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
 
@@ -119,7 +119,7 @@ class BatchGenerator:
             if pending:
                 for row in pending:
                     self._init_row(row)
-                with guests.prefill(pending, batch is not None) if guests else contextlib.nullcontext():
+                with guests.prefill(pending, batch.rows if batch else []) if guests else contextlib.nullcontext():
                     start = time.perf_counter()
                     joined, first = self._prefill(pending)
                     tokens = first.tolist()  # waits for the device, so the time is the pass's

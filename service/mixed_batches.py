@@ -157,17 +157,14 @@ class MixedBatches:
             yield
 
     @contextlib.contextmanager
-    def prefill(self, rows: Sequence[Row], joining: bool = True) -> Iterator[None]:
-        """Prefills rows. A batch's first rows go under the host its decode steps will choose, so the prefill
-        and the first steps share one plan and no row carries the old host's delta. Rows joining a running
-        batch go under the current host (a switch for a prefill rarely pays), unless the weights hold a set
-        that cannot be a host here (left by a batch of its own)."""
-        host = self._active()
-        if not joining or host not in self._deltas:
-            host = self.choose_host(rows)
-            if host != self._active():
-                self._switch(host, self._sets.get(host))
-                self.host_switches += 1
+    def prefill(self, rows: Sequence[Row], running: Sequence[Row] = ()) -> Iterator[None]:
+        """Prefills new rows under the host the next decode step will choose for them and the `running` rows, so
+        their plan segment is built once, under that host, and the step reuses it. (Prefilling joiners under the
+        old host gave their segment the old host's delta; the step then switched and rebuilt every row's.)"""
+        host = self.choose_host([*running, *rows])
+        if host != self._active():
+            self._switch(host, self._sets.get(host))
+            self.host_switches += 1
         with self.guests.active(self._plan(rows, host, prefill=True)):
             yield
 

@@ -5,14 +5,20 @@ W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G
 With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, both built once per set straight
 from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
-Decode (one token per row) runs ONE sparse matrix-vector product per layer for the whole batch: the rows'
+Decode (one token per row) runs one sparse matrix-vector product per layer for many rows at once: the rows'
 deltas sit on the diagonal of a block-diagonal CSR matrix, applied to the flattened inputs. Inside a real
 decode step a CSR product costs ~20 us per call on a 2-core CPU (5 us in a hot loop) and a layer's delta has
 only 1-9 thousand entries, so one call per layer instead of one per guest row and layer is what keeps small
 models fast; the entries then cost ~0.7 ns each (cold in cache after the dense weights stream through: about
 the memory-bandwidth floor).
-The matrix is rebuilt only when the batch's rows or the host change. Prefill (many tokens per row) runs one
-sparse matrix-matrix product per run of consecutive rows with the same delta.
+
+A decode plan is a list of segments, each the block-diagonal matrices of a run of consecutive rows. Rows
+prefilled together (a cohort) get one segment, built for their prefill; when they join a running batch the
+plan appends it to the running segments instead of copying every row's delta into a new matrix, and when a
+whole cohort leaves the others are kept. Only a cohort that loses some of its rows is rebuilt, and a plan
+of more than MAX_SEGMENTS segments. A second segment costs one more product per layer (~2.5 us in a real
+step), a rebuild 20-30 ms for 8 rows. Prefill (many tokens per row) of a single run of rows with the same
+delta is one sparse matrix-matrix product.
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from torch.nn import functional as F
 
 from .errors import ShiraError
 from .switcher import Switcher, SwitchPlan
+
+# A decode plan of more segments than this is built as one instead. Each extra segment costs one more sparse
+# product per layer, ~0.5 ms per step (SmolLM2-135M, 2-core CPU); rebuilding 8 rows costs 20-30 ms once, so past
+# a few segments the rebuild pays back within a request's remaining steps.
+MAX_SEGMENTS = 4
 
 
 class GuestSetError(ShiraError):
@@ -81,12 +92,22 @@ class _Layer:
     in_features: int
 
 
-@dataclass
-class _DecodePlan:
+@dataclass(eq=False)
+class _Segment:
     rows: int
     depth: int  # deltas per row, at most: the matrices have depth * rows block rows
     matrices: list[torch.Tensor | None]  # per layer: block-diagonal CSR [depth * rows * out, rows * in], or None
     nbytes: int = 0  # of the matrices' index and value arrays
+
+
+@dataclass
+class _DecodePlan:
+    rows: int
+    segments: tuple[tuple[int, _Segment], ...]  # (first row, segment); rows outside every segment: no correction
+
+    @property
+    def nbytes(self) -> int:
+        return sum(seg.nbytes for _, seg in self.segments)
 
 
 @dataclass
@@ -151,7 +172,8 @@ class GuestRows:
         self._active: _DecodePlan | _PrefillPlan | None = None
         self._decode_key: tuple | None = None
         self._decode: _DecodePlan | None = None
-        self.builds = 0  # decode plans built so far (asks that missed the cache)
+        self._segments: dict[tuple, _Segment] = {}  # by the rows' deltas: segments a plan may reuse
+        self.builds = 0  # segments built so far
         users: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -242,20 +264,68 @@ class GuestRows:
     def decode_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _DecodePlan:
         """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
-        Cached: asking again with the same deltas in the same order returns the built plan.
+        Runs of rows that match a segment built earlier (by a prefill, or for an earlier step) reuse it; the rest
+        get new segments. Past MAX_SEGMENTS segments, one segment is built for all rows instead. Segments this
+        plan does not use are dropped. Asking again with the same deltas in the same order returns the same plan.
         """
         key = tuple(tuple(t) for t in terms)  # identity: SetDelta compares by object
         if key != self._decode_key:
-            self._decode, self._decode_key = self._build_decode(key), key
+            segments = self._reuse(key)
+            if len(segments) > MAX_SEGMENTS:
+                segments = self._whole(key)
+            used = {id(seg) for _, seg in segments}
+            self._segments = {k: seg for k, seg in self._segments.items() if id(seg) in used}
+            self._decode, self._decode_key = _DecodePlan(len(key), tuple(segments)), key
         return self._decode
 
     def forget_plans(self) -> None:
-        """Drops the cached decode plan (it holds a copy of every row's delta) and the hooks, until the next plan."""
+        """Drops the cached segments (they hold a copy of every row's delta) and the hooks, until the next plan."""
         self._decode = self._decode_key = None
+        self._segments = {}
         if self._active is None:
             self._unhook()
 
-    def _build_decode(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _DecodePlan:
+    def _reuse(self, key: tuple) -> list[tuple[int, _Segment]]:
+        """Segments for the rows of `key`: cached ones where a run of rows matches one, new ones between them."""
+        segments: list[tuple[int, _Segment]] = []
+        r = 0
+        while r < len(key):
+            cached = self._segment_at(key, r)
+            if cached is not None:
+                segments.append((r, self._segments[cached]))
+                r += len(cached)
+                continue
+            end = r + 1
+            while end < len(key) and self._segment_at(key, end) is None:
+                end += 1
+            segments += [(r + at, seg) for at, seg in self._whole(key[r:end])]
+            r = end
+        return segments
+
+    def _whole(self, key: tuple) -> list[tuple[int, _Segment]]:
+        """One segment for all rows of `key` but the leading and trailing ones without deltas (none if no row has
+        any), cached under its rows' deltas."""
+        first, end = 0, len(key)
+        while first < end and not key[first]:
+            first += 1
+        while end > first and not key[end - 1]:
+            end -= 1
+        if first == end:
+            return []
+        part = key[first:end]
+        if part not in self._segments:
+            self._segments[part] = self._build_segment(part)
+        return [(first, self._segments[part])]
+
+    def _segment_at(self, key: tuple, r: int) -> tuple | None:
+        """The longest cached segment key that the rows from r on start with, if any."""
+        best = None
+        for cached in self._segments:
+            if (best is None or len(cached) > len(best)) and key[r : r + len(cached)] == cached:
+                best = cached
+        return best
+
+    def _build_segment(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _Segment:
         self.builds += 1
         # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
         rows, depth = len(terms), max((len(t) for t in terms), default=0)
@@ -279,7 +349,7 @@ class GuestRows:
             nbytes += _nbytes(crow) + _nbytes(col) + _nbytes(vals)
             shape = (len(blocks) * layer.out_features, rows * layer.in_features)
             matrices.append(_csr(crow, col, vals, shape))
-        return _DecodePlan(rows, depth, matrices, nbytes)
+        return _Segment(rows, depth, matrices, nbytes)
 
     def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _DecodePlan | _PrefillPlan:
         """The plan for a prefill pass over len(terms) rows of any number of tokens each.
@@ -302,8 +372,10 @@ class GuestRows:
                 run[1] = r + 1
                 reaching[id(d)] = run
             open_runs = reaching
-        if len(runs) > 1:
-            return self.decode_plan(terms)
+        if len(runs) > 1:  # one segment for these rows, kept (with the running batch's) for the next step
+            key = tuple(tuple(t) for t in terms)
+            self._decode, self._decode_key = _DecodePlan(len(key), tuple(self._whole(key))), key
+            return self._decode
         products: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in self.layers]
         for start, end, d in runs:
             for lid, layer in d.layers.items():
@@ -335,25 +407,10 @@ class GuestRows:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _DecodePlan):
-            matrix = plan.matrices[lid]
-            if matrix is None:
-                return
-            if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass: all rows' tokens in one product
-                rows, tokens = x.shape[0], x.shape[1]
-                xs = x.transpose(-1, -2).reshape(-1, tokens).to(matrix.dtype)  # [rows * in, tokens], row blocks
-                ys = _sparse_mm(matrix, xs)  # [depth * rows * out, tokens]
-                if plan.depth > 1:
-                    ys = ys.view(rows, plan.depth, -1, tokens).sum(1)
-                out.add_(ys.view(rows, -1, tokens).transpose(-1, -2))
-                return
-            flat = out.view(-1)  # one token per row: all rows' corrections in one product
-            if plan.depth == 1 and matrix.dtype == flat.dtype:
-                flat.addmv_(matrix, x.reshape(-1))
-                return
-            y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
-            if plan.depth > 1:
-                y = y.view(plan.rows, plan.depth, -1).sum(1)
-            flat.add_(y.view(-1))  # rounds into the output's dtype
+            for start, seg in plan.segments:
+                matrix = seg.matrices[lid]
+                if matrix is not None:
+                    self._correct_segment(seg, matrix, x[start : start + seg.rows], out[start : start + seg.rows])
             return
         layer = self.layers[lid]
         for start, end, matrix in plan.products[lid]:
@@ -363,3 +420,22 @@ class GuestRows:
                 ys.t().addmm_(matrix, xs.t())  # written in place: ~10% faster than a product, then an add
             else:
                 ys.add_(torch.mm(matrix, xs.t().to(matrix.dtype)).t().to(ys.dtype))
+
+    @staticmethod
+    def _correct_segment(seg: _Segment, matrix: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass: all the segment's tokens in one product
+            rows, tokens = x.shape[0], x.shape[1]
+            xs = x.transpose(-1, -2).reshape(-1, tokens).to(matrix.dtype)  # [rows * in, tokens], row blocks
+            ys = _sparse_mm(matrix, xs)  # [depth * rows * out, tokens]
+            if seg.depth > 1:
+                ys = ys.view(rows, seg.depth, -1, tokens).sum(1)
+            out.add_(ys.view(rows, -1, tokens).transpose(-1, -2))
+            return
+        flat = out.view(-1)  # one token per row: the segment's rows in one product (a view: rows are contiguous)
+        if seg.depth == 1 and matrix.dtype == flat.dtype:
+            flat.addmv_(matrix, x.reshape(-1))
+            return
+        y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
+        if seg.depth > 1:
+            y = y.view(seg.rows, seg.depth, -1).sum(1)
+        flat.add_(y.view(-1))  # rounds into the output's dtype

@@ -96,6 +96,46 @@ def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(b
         torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bound):
+    model, switcher, guests, plans, _ = bound
+    a, b, c = (guests.delta(p) for p in plans[:3])
+    first, joiners = [(a,), (b,)], [(c,), (), (a,)]
+    ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(5))
+
+    def check(terms, sets, builds):
+        plan = guests.decode_plan(terms)
+        assert guests.builds == builds
+        with guests.active(plan):
+            got = logits(model, ids[: len(sets)])
+        torch.testing.assert_close(got, isolated(model, switcher, plans, sets, ids[: len(sets)]), rtol=1e-4,
+                                   atol=1e-4)
+
+    guests.prefill_plan(first)  # two runs: a segment, built for the prefill
+    assert guests.builds == 1
+    check(first, [0, 1], 1)  # the first step reuses it
+    guests.prefill_plan(joiners)
+    assert guests.builds == 2
+    check(first + joiners, [0, 1, 2, None, 0], 2)  # joining: both segments side by side, no copy
+    check(joiners, [2, None, 0], 2)  # a whole cohort left: the other one stays
+    check([(b,), *joiners], [1, 2, None, 0], 3)  # an unknown run: only that run is built
+    cohort = guests.prefill_plan([(b,), (c,)])  # new rows get one segment, not the cached one of (b,) and another
+    assert guests.builds == 4 and len(cohort.segments) == 1
+
+
+def test_a_plan_of_too_many_segments_is_built_as_one(bound, monkeypatch):
+    model, switcher, guests, plans, _ = bound
+    monkeypatch.setattr("shira_core.guest_rows.MAX_SEGMENTS", 1)
+    a, b, c = (guests.delta(p) for p in plans[:3])
+    guests.prefill_plan([(a,), (b,)])
+    guests.prefill_plan([(c,), (a,)])
+    plan = guests.decode_plan([(a,), (b,), (c,), (a,)])
+    assert guests.builds == 3 and len(plan.segments) == 1
+    ids = torch.randint(0, 64, (4, 1), generator=torch.Generator().manual_seed(6))
+    with guests.active(plan):
+        got = logits(model, ids)
+    torch.testing.assert_close(got, isolated(model, switcher, plans, [0, 1, 2, 0], ids), rtol=1e-4, atol=1e-4)
+
+
 def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
     model, switcher, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
