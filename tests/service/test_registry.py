@@ -449,3 +449,13 @@ def test_read_detects_changed_bytes(registry: RedisRegistry, redis_client: redis
 
     with pytest.raises(RegistryIntegrityError, match="tampered@1"):
         registry.read(rec)
+
+
+def test_the_public_adapter_schema_carries_every_stored_field_and_no_other() -> None:
+    from service.protocol import AdapterInfo
+    from service.registry_records import AdapterRecord
+
+    record = AdapterRecord("boolq", 3, "ab" * 32, "f" * 16, 10, 0.01, 120, 2, "rand", "d", 1.5, ("c1", "c2"))
+    # The stored record and the API schema are separate classes (storage layout vs public contract); a field
+    # added to one alone would be dropped from, or missing in, every API answer.
+    assert AdapterInfo(**record.to_dict()).model_dump() == record.to_dict()
