@@ -3,7 +3,8 @@
 Key layout under ``<ns>:`` (names match ``NAME_RE``, so they never contain ``:`` or ``@``):
 
     names                  ZSET  every name with a live version, score 0 (so ZRANGE is sorted by name)
-    seq:<name>             STR   version counter; INCR inside the commit script gives n+1, n+2 under races
+    seq:<name>             STR   version counter; INCR inside the commit script gives n+1, n+2 under races.
+                                 It outlives a delete: versions of a name are never reused
     versions:<name>        ZSET  live versions of a name, score = member = version
     rec:<name>:<version>   HASH  the AdapterRecord fields plus ``chunks`` (chunk sha256s in order)
     blob:<sha256>          STR   one chunk, keyed by the sha256 of its own bytes (identical chunks share it)

@@ -58,7 +58,7 @@ for _, v in ipairs(versions) do
   end
   redis.call('DEL', rec)
 end
-redis.call('DEL', vkey, p .. 'seq:' .. name)
+redis.call('DEL', vkey)  -- seq:<name> stays, so name@1 never names other bytes after a re-upload
 redis.call('ZREM', p .. 'names', name)
 local numbers = {}
 for i, v in ipairs(versions) do numbers[i] = tonumber(v) end

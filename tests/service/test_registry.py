@@ -39,6 +39,11 @@ def kinds(keys: set[bytes], namespace: str) -> dict[str, int]:
     return counts
 
 
+def data_keys(keys: set[bytes], namespace: str) -> set[bytes]:
+    """The keys other than version counters (seq:<name>, which outlive deletes so versions are never reused)."""
+    return {k for k in keys if not k.startswith(f"{namespace}:seq:".encode())}
+
+
 def assert_consistent(client: redis.Redis, namespace: str) -> None:
     """Every record's chunks exist and name it in their refs; every blob has refs from a live record."""
     p = namespace + ":"
@@ -141,7 +146,7 @@ def test_repeated_chunks_inside_one_adapter_share_a_blob(
     assert kinds(ns_keys(), namespace)["blob"] == 2
     assert registry.read(rec) == data
     registry.delete("zeros")
-    assert ns_keys() == set()
+    assert data_keys(ns_keys(), namespace) == set()
 
 
 def test_delete_leaves_no_key_behind(
@@ -156,7 +161,7 @@ def test_delete_leaves_no_key_behind(
 
     assert registry.delete("gone") == [1, 2]
 
-    assert ns_keys() == before
+    assert ns_keys() - before == {f"{namespace}:seq:gone".encode()}  # the version counter alone: never reused
     with pytest.raises(AdapterNotFoundError, match="'gone'"):
         registry.record("gone")
     with pytest.raises(AdapterNotFoundError):
@@ -170,13 +175,15 @@ def test_delete_leaves_no_key_behind(
     assert registry.list() == ([registry.record("keep")], 1)
 
 
-def test_upload_after_delete_starts_again_with_a_new_stamp(registry: RedisRegistry) -> None:
+def test_upload_after_delete_gets_the_next_version_and_old_refs_stay_gone(registry: RedisRegistry) -> None:
     old = registry.put("again", b"first life", INFO)
     registry.delete("again")
     new = registry.put("again", b"second life", INFO)
 
-    assert new.version == 1 and new.stamp != old.stamp
-    with pytest.raises(AdapterNotFoundError, match="replaced"):
+    assert new.version == 2 and new.stamp != old.stamp  # "again@1" never names the second life's bytes
+    with pytest.raises(AdapterNotFoundError):
+        registry.record("again", 1)
+    with pytest.raises(AdapterNotFoundError):
         registry.read(old)  # a stale record never yields the new bytes
 
 
@@ -195,7 +202,7 @@ def test_blob_shared_by_two_names_survives_deleting_one(
     assert kinds(ns_keys(), namespace)["blob"] == 3
     assert_consistent(redis_client, namespace)
     registry.delete("second")
-    assert ns_keys() == set()
+    assert data_keys(ns_keys(), namespace) == set()
 
 
 def test_abandoned_upload_is_invisible_and_expires(redis_client: redis.Redis, namespace: str, ns_keys: KeysFn) -> None:
@@ -226,7 +233,7 @@ def test_committed_blobs_lose_the_pending_ttl(redis_client: redis.Redis, namespa
 
 
 def test_commit_refuses_when_a_stored_chunk_vanished(
-    registry: RedisRegistry, redis_client: redis.Redis, ns_keys: KeysFn
+    registry: RedisRegistry, redis_client: redis.Redis, namespace: str, ns_keys: KeysFn
 ) -> None:
     data = b"shared by a doomed adapter"
     registry.put("doomed", data, INFO)
@@ -237,7 +244,7 @@ def test_commit_refuses_when_a_stored_chunk_vanished(
     result = registry._commit(args=[registry.prefix, "late", "late-upload", flat, "0", *registry.chunk_shas(data)])
 
     assert int(result[0]) == -1
-    assert ns_keys() == set()  # nothing half-written
+    assert ns_keys() == {f"{namespace}:seq:doomed".encode()}  # nothing half-written, no version taken
 
 
 def test_put_retries_with_all_chunks_when_a_delete_races_it(redis_client: redis.Redis, namespace: str) -> None:
@@ -349,7 +356,7 @@ def test_racing_uploads_and_deletes_keep_the_store_consistent(
     for name in ("contended", "other-0", "other-1"):
         with contextlib.suppress(AdapterNotFoundError):
             registry.delete(name)
-    assert ns_keys() == set()
+    assert data_keys(ns_keys(), namespace) == set()
 
 
 def test_events_reach_a_listener(registry: RedisRegistry) -> None:

@@ -158,13 +158,14 @@ def test_deleted_then_reuploaded_name_serves_the_new_content(make_replicas, b_he
 
     a.delete("tone")
     new = a.upload("tone", seed=3)
-    assert new["version"] == 1 and new["sha256"] != old["sha256"]  # same name@version, other bytes
+    assert new["version"] == 2 and new["sha256"] != old["sha256"]  # a deleted name's versions are not reused
     new_on_a = a.generate("tone")["text"]
     assert new_on_a not in (old_text, base)
-    for spec in ("tone", "tone@1"):
+    for spec in ("tone", "tone@2"):
         served = b.generate(spec)
         assert served["text"] == new_on_a, f"{spec}: replica B served its stale copy of tone@1"
-        assert served["adapters"] == [{"name": "tone", "version": 1, "weight": 1.0}]
+        assert served["adapters"] == [{"name": "tone", "version": 2, "weight": 1.0}]
+    assert_not_found(b.post("tone@1"), "tone")  # B still holds tone@1's bytes; the deleted version stays gone
     shas = {k[3] for k in b.engine.cache.lru_keys() if k[0] == "adapter" and k[1] == "tone"}
     assert new["sha256"] in shas
     if b_hears_events:
