@@ -36,7 +36,8 @@ STEP_SECONDS = Histogram(
 )
 GUEST_PLAN_BUILD_SECONDS = Histogram(
     "shira_guest_plan_build_seconds",
-    "Time to build a mixed batch's correction plan (rebuilt when the batch's rows or host change).",
+    "Time to build correction-plan segments for a mixed batch (one per cohort of rows prefilled together; "
+    "rebuilt when some of a cohort's rows leave or the host changes).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 QUEUE_DEPTH = Gauge("shira_queue_depth", "Requests waiting for a batch.")
