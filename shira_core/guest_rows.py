@@ -407,10 +407,26 @@ class GuestRows:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _DecodePlan):
+            if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass
+                for start, seg in plan.segments:
+                    matrix = seg.matrices[lid]
+                    if matrix is not None:
+                        self._prefill_segment(seg, matrix, x[start : start + seg.rows], out[start : start + seg.rows])
+                return
+            # One token per row: each segment's rows in one product on flat views. Slicing costs as much as an
+            # empty product (~4 us), so a segment that covers the batch is not sliced.
+            flat, xs = out.view(-1), x.reshape(-1)
+            layer = self.layers[lid]
             for start, seg in plan.segments:
                 matrix = seg.matrices[lid]
-                if matrix is not None:
-                    self._correct_segment(seg, matrix, x[start : start + seg.rows], out[start : start + seg.rows])
+                if matrix is None:
+                    continue
+                if seg.rows != plan.rows:
+                    ys = flat[start * layer.out_features : (start + seg.rows) * layer.out_features]
+                    self._decode_segment(seg, matrix, xs[start * layer.in_features : (start + seg.rows) *
+                                                         layer.in_features], ys)
+                else:
+                    self._decode_segment(seg, matrix, xs, flat)
             return
         layer = self.layers[lid]
         for start, end, matrix in plan.products[lid]:
@@ -422,20 +438,22 @@ class GuestRows:
                 ys.add_(torch.mm(matrix, xs.t().to(matrix.dtype)).t().to(ys.dtype))
 
     @staticmethod
-    def _correct_segment(seg: _Segment, matrix: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
-        if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass: all the segment's tokens in one product
-            rows, tokens = x.shape[0], x.shape[1]
-            xs = x.transpose(-1, -2).reshape(-1, tokens).to(matrix.dtype)  # [rows * in, tokens], row blocks
-            ys = _sparse_mm(matrix, xs)  # [depth * rows * out, tokens]
-            if seg.depth > 1:
-                ys = ys.view(rows, seg.depth, -1, tokens).sum(1)
-            out.add_(ys.view(rows, -1, tokens).transpose(-1, -2))
+    def _prefill_segment(seg: _Segment, matrix: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """All the segment's rows and tokens in one product (x: [rows, tokens, in])."""
+        rows, tokens = x.shape[0], x.shape[1]
+        xs = x.transpose(-1, -2).reshape(-1, tokens).to(matrix.dtype)  # [rows * in, tokens], row blocks
+        ys = _sparse_mm(matrix, xs)  # [depth * rows * out, tokens]
+        if seg.depth > 1:
+            ys = ys.view(rows, seg.depth, -1, tokens).sum(1)
+        out.add_(ys.view(rows, -1, tokens).transpose(-1, -2))
+
+    @staticmethod
+    def _decode_segment(seg: _Segment, matrix: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the segment's corrections, for flat x [rows * in] and flat out [rows * out]."""
+        if seg.depth == 1 and matrix.dtype == out.dtype:
+            out.addmv_(matrix, x)
             return
-        flat = out.view(-1)  # one token per row: the segment's rows in one product (a view: rows are contiguous)
-        if seg.depth == 1 and matrix.dtype == flat.dtype:
-            flat.addmv_(matrix, x.reshape(-1))
-            return
-        y = torch.mv(matrix, x.reshape(-1).to(matrix.dtype))
+        y = torch.mv(matrix, x.to(matrix.dtype))
         if seg.depth > 1:
             y = y.view(seg.rows, seg.depth, -1).sum(1)
-        flat.add_(y.view(-1))  # rounds into the output's dtype
+        out.add_(y.view(-1))  # rounds into the output's dtype
