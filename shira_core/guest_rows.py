@@ -416,17 +416,16 @@ class GuestRows:
             # One token per row: each segment's rows in one product on flat views. Slicing costs as much as an
             # empty product (~4 us), so a segment that covers the batch is not sliced.
             flat, xs = out.view(-1), x.reshape(-1)
-            layer = self.layers[lid]
+            n_out, n_in = self.layers[lid].out_features, self.layers[lid].in_features
             for start, seg in plan.segments:
                 matrix = seg.matrices[lid]
                 if matrix is None:
                     continue
-                if seg.rows != plan.rows:
-                    ys = flat[start * layer.out_features : (start + seg.rows) * layer.out_features]
-                    self._decode_segment(seg, matrix, xs[start * layer.in_features : (start + seg.rows) *
-                                                         layer.in_features], ys)
-                else:
+                if seg.rows == plan.rows:
                     self._decode_segment(seg, matrix, xs, flat)
+                else:
+                    end = start + seg.rows
+                    self._decode_segment(seg, matrix, xs[start * n_in : end * n_in], flat[start * n_out : end * n_out])
             return
         layer = self.layers[lid]
         for start, end, matrix in plan.products[lid]:
