@@ -270,9 +270,11 @@ class GuestRows:
         """
         key = tuple(tuple(t) for t in terms)  # identity: SetDelta compares by object
         if key != self._decode_key:
-            segments = self._reuse(key)
-            if len(segments) > MAX_SEGMENTS:
+            runs = self._runs(key)
+            if len(runs) > MAX_SEGMENTS:  # decided before building any run, so none is built in vain
                 segments = self._whole(key)
+            else:
+                segments = [(start + at, seg) for start, end in runs for at, seg in self._whole(key[start:end])]
             used = {id(seg) for _, seg in segments}
             self._segments = {k: seg for k, seg in self._segments.items() if id(seg) in used}
             self._decode, self._decode_key = _DecodePlan(len(key), tuple(segments)), key
@@ -285,22 +287,19 @@ class GuestRows:
         if self._active is None:
             self._unhook()
 
-    def _reuse(self, key: tuple) -> list[tuple[int, _Segment]]:
-        """Segments for the rows of `key`: cached ones where a run of rows matches one, new ones between them."""
-        segments: list[tuple[int, _Segment]] = []
+    def _runs(self, key: tuple) -> list[tuple[int, int]]:
+        """The rows of `key` as runs (start, end): each a cached segment's rows, or the rows between them."""
+        runs: list[tuple[int, int]] = []
         r = 0
         while r < len(key):
             cached = self._segment_at(key, r)
-            if cached is not None:
-                segments.append((r, self._segments[cached]))
-                r += len(cached)
-                continue
-            end = r + 1
-            while end < len(key) and self._segment_at(key, end) is None:
+            end = r + len(cached) if cached is not None else r + 1
+            while cached is None and end < len(key) and self._segment_at(key, end) is None:
                 end += 1
-            segments += [(r + at, seg) for at, seg in self._whole(key[r:end])]
+            if cached is not None or any(key[r:end]):  # a run of host rows only needs no segment
+                runs.append((r, end))
             r = end
-        return segments
+        return runs
 
     def _whole(self, key: tuple) -> list[tuple[int, _Segment]]:
         """One segment for all rows of `key` but the leading and trailing ones without deltas (none if no row has
