@@ -1,7 +1,7 @@
 """Guest rows: rows of other adapter sets sharing the forward passes of a batch whose weights hold one set.
 
 The Switcher writes one set H (the host, or nothing: the base) into the weights, so every Linear computes
-W_H x. A row of another set G (a guest) needs W_G x, so a forward hook adds (W_G - W_H) x to its output rows.
+W_H x. A row of another set G (a guest) needs W_G x, so a wrapped forward adds (W_G - W_H) x to its output rows.
 With d_S = W_S - W0 (sparse: S's indices), that is d_G plus the negated d_H, both built once per set straight
 from the SwitchPlans (adapted - original values; every plan saves the same W0 originals).
 
@@ -24,6 +24,7 @@ delta is one sparse matrix-matrix product.
 from __future__ import annotations
 
 import contextlib
+import types
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -153,13 +154,14 @@ def _sparse_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 class GuestRows:
-    """Forward hooks on a model's Linear layers that correct chosen batch rows to their own adapter set.
+    """Wrapped forwards on a model's Linear layers that correct chosen batch rows to their own adapter set.
 
-    Bind once after the Switcher. The hooks are registered when a plan is first made active (`active(plan)`) and
-    removed by `forget_plans()` or `close()`: a module with hooks takes nn.Module's slow call path on every call,
-    which cost 1.3 ms of a 66 ms decode step with no plan (210 layers, 8 rows, 2-core CPU), so batches of one
-    set should not carry them. A hook corrects only the module it was registered on, so a deep copy of the model
-    (which copies the hooks) computes plain outputs.
+    Bind once after the Switcher. Each Linear's `forward` is wrapped when a plan is first made active
+    (`active(plan)`) and restored by `forget_plans()` or `close()`, so batches of one set run the plain layers.
+    A wrapper rather than a forward hook: a module with hooks takes nn.Module's slow call path, which with the
+    hook's own call cost ~2 ms of a 115 ms mixed decode step (210 layers, 8 rows, 2-core CPU). A wrapper
+    corrects only the module it was made for, so a deep copy of the model (which copies the wrappers) computes
+    plain outputs.
 
     Args:
         model: the model the Switcher is bound to.
@@ -181,8 +183,8 @@ class GuestRows:
         # Per flat buffer: sorted (offset, numel, layer id or -1 when the weight is not a Linear-only weight).
         self._spans: dict[int, tuple[torch.Tensor, list[int], list[str]]] = {}
         spans: dict[int, list[tuple[int, int, int, str]]] = {}
-        self._targets: list[tuple[nn.Module, int]] = []  # (Linear, layer id) to hook while plans are in use
-        self._handles: list = []
+        self._targets: list[tuple[nn.Module, int]] = []  # (Linear, layer id) to wrap while plans are in use
+        self._wrapped: list[tuple[nn.Module, object]] = []  # (Linear, its own instance `forward` or None)
         self._closed = False
         for name, param in switcher._params.items():  # noqa: SLF001 - same package, the slot map is the source
             slot = switcher._slots[name]  # noqa: SLF001
@@ -206,18 +208,24 @@ class GuestRows:
         self._zero = torch.zeros(1, dtype=torch.int32, device=self.device)
 
     def close(self) -> None:
-        """Removes the hooks for good: plans made active afterwards have no effect."""
+        """Restores the plain forwards for good: plans made active afterwards have no effect."""
         self._closed = True
-        self._unhook()
+        self._unwrap()
 
-    def _hook(self) -> None:
-        if not self._handles and not self._closed:
-            self._handles = [m.register_forward_hook(self._hook_for(m, lid)) for m, lid in self._targets]
+    def _wrap(self) -> None:
+        if self._wrapped or self._closed:
+            return
+        for module, lid in self._targets:
+            self._wrapped.append((module, module.__dict__.get("forward")))
+            module.forward = types.MethodType(self._forward_for(module, lid), module)
 
-    def _unhook(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+    def _unwrap(self) -> None:
+        for module, own in reversed(self._wrapped):
+            if own is None:
+                del module.forward
+            else:
+                module.forward = own
+        self._wrapped = []
 
     # -- deltas ----------------------------------------------------------------------------------------
 
@@ -227,7 +235,7 @@ class GuestRows:
 
         Raises:
             GuestSetError: the plan changes a weight that is not only used as an nn.Linear weight
-                (a tied embedding, a norm), which a Linear hook cannot correct.
+                (a tied embedding, a norm), which a Linear's wrapper cannot correct.
         """
         layers: dict[int, _LayerDelta] = {}
         for part in plan.parts:
@@ -281,11 +289,11 @@ class GuestRows:
         return self._decode
 
     def forget_plans(self) -> None:
-        """Drops the cached segments (they hold a copy of every row's delta) and the hooks, until the next plan."""
+        """Drops the cached segments (they hold a copy of every row's delta) and the wrappers, until the next plan."""
         self._decode = self._decode_key = None
         self._segments = {}
         if self._active is None:
-            self._unhook()
+            self._unwrap()
 
     def _runs(self, key: tuple) -> list[tuple[int, int]]:
         """The rows of `key` as runs (start, end): each a cached segment's rows, or the rows between them."""
@@ -385,22 +393,29 @@ class GuestRows:
     def active(self, plan: _DecodePlan | _PrefillPlan | None) -> Iterator[None]:
         """Makes `plan` apply to the forward passes inside the block (None: plain forward passes)."""
         if plan is not None:
-            self._hook()
+            self._wrap()
         previous, self._active = self._active, plan
         try:
             yield
         finally:
             self._active = previous
 
-    # -- the hook --------------------------------------------------------------------------------------
+    # -- the wrapped forward ----------------------------------------------------------------------------
 
-    def _hook_for(self, owner: nn.Module, lid: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+    def _forward_for(self, owner: nn.Module, lid: int):
+        own = owner.__dict__.get("forward")  # another library's wrapper (bound to `owner`): ours runs around it
+        plain = type(owner).forward
+
+        def forward(module: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            if module is not owner:  # a deep copy of the model: its own plain output
+                return plain(module, x, *args, **kwargs)
+            out = own(x, *args, **kwargs) if own is not None else plain(module, x, *args, **kwargs)
             plan = self._active
-            if plan is not None and module is owner:
-                self._correct(plan, lid, args[0], output)
+            if plan is not None:
+                self._correct(plan, lid, x, out)
+            return out
 
-        return hook
+        return forward
 
     def _correct(self, plan: _DecodePlan | _PrefillPlan, lid: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if x.shape[0] != plan.rows:

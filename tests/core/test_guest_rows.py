@@ -136,7 +136,7 @@ def test_a_plan_of_too_many_segments_is_built_as_one(bound, monkeypatch):
     torch.testing.assert_close(got, isolated(model, switcher, plans, [0, 1, 2, 0], ids), rtol=1e-4, atol=1e-4)
 
 
-def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
+def test_wrappers_do_nothing_without_a_plan_and_close_removes_them(bound):
     model, switcher, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
@@ -146,27 +146,50 @@ def test_hooks_do_nothing_without_a_plan_and_close_removes_them(bound):
     assert guests.decode_plan([(), (delta,)]) is not plan
     guests.close()
     with guests.active(guests.prefill_plan([(delta,), (delta,)])):
-        after = logits(model, ids)  # hooks removed: the plan has no effect
+        after = logits(model, ids)  # wrappers removed: the plan has no effect
     assert torch.equal(before, after)
 
 
-def test_hooks_are_there_only_while_plans_are_in_use_and_a_deep_copy_is_not_corrected(bound):
+def wrapped(linears) -> list[bool]:
+    return ["forward" in m.__dict__ for m in linears]
+
+
+def test_wrappers_are_there_only_while_plans_are_in_use_and_a_deep_copy_is_not_corrected(bound):
     model, _, guests, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert not any(m._forward_hooks for m in linears)  # no plan yet: plain calls take nn.Module's fast path
+    assert not any(wrapped(linears))  # no plan yet: the plain Linear forwards
     plan = guests.prefill_plan([(guests.delta(plans[0]),), ()])
     with guests.active(plan):
         corrected = logits(model, ids)
-        twin = copy.deepcopy(model)  # copies the hooks too
-    assert any(m._forward_hooks for m in linears)
+        twin = copy.deepcopy(model)  # copies the wrappers too
+    assert any(wrapped(linears)) and not any(m._forward_hooks for m in linears)
     with guests.active(plan):
-        assert torch.equal(logits(twin, ids), before)  # the copied hooks leave the copy alone
+        assert torch.equal(logits(twin, ids), before)  # the copied wrappers compute the copy's own layers
+        twin.model.layers[0].mlp.down_proj.weight.data.zero_()
+        assert not torch.equal(logits(twin, ids), before)  # ... and not the original's
     assert not torch.allclose(corrected[0], before[0], atol=1e-3)
     guests.forget_plans()
-    assert not any(m._forward_hooks for m in linears)
+    assert not any(wrapped(linears))
     assert torch.equal(logits(model, ids), before)
+
+
+def test_a_forward_another_library_set_on_a_linear_runs_inside_the_wrapper_and_comes_back(bound):
+    model, _, guests, plans, _ = bound
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
+    down = model.model.layers[0].mlp.down_proj
+
+    def doubled(self, x):
+        return 2 * torch.nn.functional.linear(x, self.weight, self.bias)
+
+    down.forward = doubled.__get__(down)
+    theirs = down.forward
+    before = logits(model, ids)
+    with guests.active(guests.decode_plan([(), ()])):  # no deltas: a plain pass through the wrappers
+        assert torch.equal(logits(model, ids), before)
+    guests.forget_plans()
+    assert down.forward == theirs
 
 
 def test_a_plan_for_another_row_count_is_refused(bound):
