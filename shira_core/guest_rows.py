@@ -16,9 +16,9 @@ A decode plan is a list of segments, each the block-diagonal matrices of a run o
 prefilled together (a cohort) get one segment, built for their prefill; when they join a running batch the
 plan appends it to the running segments instead of copying every row's delta into a new matrix, and when a
 whole cohort leaves the others are kept. Only a cohort that loses some of its rows is rebuilt, and a plan
-of more than MAX_SEGMENTS segments. A second segment costs one more product per layer (~2.5 us in a real
-step), a rebuild 20-30 ms for 8 rows. Prefill (many tokens per row) of a single run of rows with the same
-delta is one sparse matrix-matrix product.
+of more than MAX_SEGMENTS segments. A second segment costs one more product per layer and two slices
+(0.5-4 ms per step over 210 layers on a 2-core CPU, depending on the day), a rebuild 20-40 ms for 8 rows.
+Prefill (many tokens per row) of a single run of rows with the same delta is one sparse matrix-matrix product.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from .errors import ShiraError
 from .switcher import Switcher, SwitchPlan
 
 # A decode plan of more segments than this is built as one instead. Each extra segment costs one more sparse
-# product per layer, ~0.5 ms per step (SmolLM2-135M, 2-core CPU); rebuilding 8 rows costs 20-30 ms once, so past
+# product per layer, 0.5-4 ms per step (SmolLM2-135M, 2-core CPU); rebuilding 8 rows costs 20-40 ms once, so past
 # a few segments the rebuild pays back within a request's remaining steps.
 MAX_SEGMENTS = 4
 
