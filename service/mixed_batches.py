@@ -124,7 +124,7 @@ class MixedBatches:
         counts = Counter(r.set_key for r in rows)
         if len(counts) == 1:
             return next(iter(counts))
-        horizon = max(1, sorted(r.params.max_new_tokens - len(r.tokens) for r in rows)[len(rows) // 2])
+        horizon = _horizon(rows)
         nnz = {k: self._deltas[k].nnz for k in counts}
         active_nnz = self._deltas[active].nnz if active in self._deltas else 0
 
@@ -148,7 +148,7 @@ class MixedBatches:
         if host != self._active():
             self._switch(host, self._sets.get(host))
             self.host_switches += 1
-        plan = self._plan(rows, host, prefill=False)
+        plan = self._plan(rows, host)
         nbytes = plan.nbytes if plan is not None else 0
         if nbytes > self.peak_plan_bytes:
             self.peak_plan_bytes = nbytes
@@ -165,15 +165,20 @@ class MixedBatches:
         if host != self._active():
             self._switch(host, self._sets.get(host))
             self.host_switches += 1
-        with self.guests.active(self._plan(rows, host, prefill=True)):
+        with self.guests.active(self._plan(rows, host, running)):
             yield
 
-    def _plan(self, rows: Sequence[Row], host: Hashable, prefill: bool):
+    def _plan(self, rows: Sequence[Row], host: Hashable, running: Sequence[Row] | None = None):
+        """The decode plan for `rows`, or with `running` given, the prefill plan for `rows` joining those."""
         terms = [self._terms(r.set_key, host) for r in rows]
         if not any(terms):
             return None
         builds, start = self.guests.builds, time.perf_counter()
-        plan = self.guests.prefill_plan(terms) if prefill else self.guests.decode_plan(terms)
+        if running is None:
+            plan = self.guests.decode_plan(terms, _horizon(rows))
+        else:
+            before = [self._terms(r.set_key, host) for r in running]
+            plan = self.guests.prefill_plan(terms, before, _horizon([*running, *rows]))
         if self.guests.builds != builds:
             metrics.GUEST_PLAN_BUILD_SECONDS.observe(time.perf_counter() - start)
         return plan
@@ -188,3 +193,8 @@ class MixedBatches:
         if host not in self._negated:
             self._negated[host] = self._delta_for(host, self._sets[host], True)
         return (*own, self._negated[host])
+
+
+def _horizon(rows: Sequence[Row]) -> int:
+    """Decode steps the rows have left, about: the median of their remaining token budgets."""
+    return max(1, sorted(r.params.max_new_tokens - len(r.tokens) for r in rows)[len(rows) // 2])

@@ -24,6 +24,7 @@ Prefill (many tokens per row) of a single run of rows with the same delta is one
 from __future__ import annotations
 
 import contextlib
+import time
 import types
 import warnings
 from collections.abc import Iterator, Sequence
@@ -40,6 +41,9 @@ from .switcher import Switcher, SwitchPlan
 # product per layer, 0.5-4 ms per step (SmolLM2-135M, 2-core CPU); rebuilding 8 rows costs 20-40 ms once, so past
 # a few segments the rebuild pays back within a request's remaining steps.
 MAX_SEGMENTS = 4
+# What one more segment costs per corrected layer and decode step: a sparse product and two slices (2.5-20 us on a
+# 2-core CPU, depending on the day; a kernel launch or more on a GPU).
+SEGMENT_PRODUCT_SECONDS = 10e-6
 
 
 class GuestSetError(ShiraError):
@@ -175,7 +179,8 @@ class GuestRows:
         self._decode_key: tuple | None = None
         self._decode: _DecodePlan | None = None
         self._segments: dict[tuple, _Segment] = {}  # by the rows' deltas: segments a plan may reuse
-        self.builds = 0  # segments built so far
+        self.builds = 0  # segments built (or cut from a built one) so far
+        self._build_seconds_per_byte = 0.4e-9  # measured by each build; this first guess is a 2-core CPU's
         users: dict[int, list[tuple[nn.Module, str]]] = {}
         for module in model.modules():
             for pname, param in module.named_parameters(recurse=False):
@@ -269,24 +274,41 @@ class GuestRows:
 
     # -- plans -----------------------------------------------------------------------------------------
 
-    def decode_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _DecodePlan:
+    def decode_plan(self, terms: Sequence[Sequence[SetDelta]], steps: int = 1) -> _DecodePlan:
         """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
-        Runs of rows that match a segment built earlier (by a prefill, or for an earlier step) reuse it; the rest
-        get new segments. Past MAX_SEGMENTS segments, one segment is built for all rows instead. Segments this
-        plan does not use are dropped. Asking again with the same deltas in the same order returns the same plan.
+        Runs of rows held by a segment built earlier (by a prefill, or for an earlier step; a run may be a part
+        of one) reuse it; the rest get new segments. One segment is built for all rows instead when the plan
+        would have more than MAX_SEGMENTS, or when the extra segments' products over `steps` decode steps would
+        cost more than rebuilding the reused rows. Segments this plan does not use are dropped. Asking again with
+        the same deltas in the same order returns the same plan.
         """
         key = tuple(tuple(t) for t in terms)  # identity: SetDelta compares by object
         if key != self._decode_key:
-            runs = self._runs(key)
-            if len(runs) > MAX_SEGMENTS:  # decided before building any run, so none is built in vain
-                segments = self._whole(key)
-            else:
-                segments = [(start + at, seg) for start, end in runs for at, seg in self._whole(key[start:end])]
-            used = {id(seg) for _, seg in segments}
-            self._segments = {k: seg for k, seg in self._segments.items() if id(seg) in used}
-            self._decode, self._decode_key = _DecodePlan(len(key), tuple(segments)), key
+            self._set_decode(key, steps)
         return self._decode
+
+    def _set_decode(self, key: tuple, steps: int) -> None:
+        runs = self._runs(key)
+        if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):  # decided before building any run
+            segments = self._whole(key)
+        else:
+            segments = [(start + at, seg) for start, end, held in runs for at, seg in self._run(key, start, end, held)]
+        used = {id(seg) for _, seg in segments}
+        self._segments = {k: seg for k, seg in self._segments.items() if id(seg) in used}
+        self._decode, self._decode_key = _DecodePlan(len(key), tuple(segments)), key
+
+    def _merge_pays(self, runs: list, steps: int) -> bool:
+        """Whether one segment for all runs costs less than the extra segments' products over `steps` steps."""
+        if len(runs) < 2:
+            return False
+        rebuilt = 0.0  # bytes of the reused runs, which one segment would copy again
+        for start, end, held in runs:
+            if held is not None:
+                seg = self._segments[held[0]]
+                rebuilt += seg.nbytes * (end - start) / seg.rows
+        saved = steps * (len(runs) - 1) * SEGMENT_PRODUCT_SECONDS * len(self.layers)
+        return saved > rebuilt * self._build_seconds_per_byte
 
     def forget_plans(self) -> None:
         """Drops the cached segments (they hold a copy of every row's delta) and the wrappers, until the next plan."""
@@ -295,19 +317,48 @@ class GuestRows:
         if self._active is None:
             self._unwrap()
 
-    def _runs(self, key: tuple) -> list[tuple[int, int]]:
-        """The rows of `key` as runs (start, end): each a cached segment's rows, or the rows between them."""
-        runs: list[tuple[int, int]] = []
+    def _runs(self, key: tuple) -> list[tuple[int, int, tuple | None]]:
+        """The rows of `key` as runs (start, end, held): held = (cached key, first row) for rows that a cached
+        segment holds from its row `first` on, None for the rows between them."""
+        runs: list[tuple[int, int, tuple | None]] = []
         r = 0
         while r < len(key):
-            cached = self._segment_at(key, r)
-            end = r + len(cached) if cached is not None else r + 1
-            while cached is None and end < len(key) and self._segment_at(key, end) is None:
-                end += 1
-            if cached is not None or any(key[r:end]):  # a run of host rows only needs no segment
-                runs.append((r, end))
+            held = self._held_at(key, r)
+            if held is not None:
+                end = r + held[2]
+            else:
+                end = r + 1
+                while end < len(key) and self._held_at(key, end) is None:
+                    end += 1
+            if held is not None or any(key[r:end]):  # a run of host rows only needs no segment
+                runs.append((r, end, held[:2] if held is not None else None))
             r = end
         return runs
+
+    def _held_at(self, key: tuple, r: int) -> tuple | None:
+        """The longest run of rows from r on that a cached segment holds, as (its key, first row there, rows,
+        whether that is the whole segment), a whole segment first among runs as long."""
+        best = None
+        for cached in self._segments:
+            for first in range(len(cached)):
+                n = 0
+                while r + n < len(key) and first + n < len(cached) and key[r + n] == cached[first + n]:
+                    n += 1
+                exact = first == 0 and n == len(cached)
+                if n and (best is None or (n, exact) > best[2:]) and any(key[r : r + n]):
+                    best = (cached, first, n, exact)
+        return best
+
+    def _run(self, key: tuple, start: int, end: int, held: tuple | None) -> list[tuple[int, _Segment]]:
+        """The segment for rows [start, end) of `key`: the cached one, a part of it, or a new one."""
+        if held is None:
+            return self._whole(key[start:end])
+        cached, first = held
+        seg = self._segments[cached]
+        if first == 0 and end - start == seg.rows:
+            return [(0, seg)]
+        part = self._segments[key[start:end]] = self._part(seg, first, end - start)
+        return [(0, part)]
 
     def _whole(self, key: tuple) -> list[tuple[int, _Segment]]:
         """One segment for all rows of `key` but the leading and trailing ones without deltas (none if no row has
@@ -324,16 +375,30 @@ class GuestRows:
             self._segments[part] = self._build_segment(part)
         return [(first, self._segments[part])]
 
-    def _segment_at(self, key: tuple, r: int) -> tuple | None:
-        """The longest cached segment key that the rows from r on start with, if any."""
-        best = None
-        for cached in self._segments:
-            if (best is None or len(cached) > len(best)) and key[r : r + len(cached)] == cached:
-                best = cached
-        return best
+    def _part(self, seg: _Segment, first: int, rows: int) -> _Segment:
+        """Rows [first, first + rows) of a segment as a segment of their own: the values are views of the
+        segment's, the column indices a shifted copy (a third of a build's bytes)."""
+        self.builds += 1
+        matrices: list[torch.Tensor | None] = []
+        nbytes = 0
+        for lid, matrix in enumerate(seg.matrices):
+            if matrix is None:
+                matrices.append(None)
+                continue
+            layer = self.layers[lid]
+            lo, hi = first * seg.depth * layer.out_features, (first + rows) * seg.depth * layer.out_features
+            crow = matrix.crow_indices()[lo : hi + 1]
+            k0, k1 = int(crow[0]), int(crow[-1])
+            crow = crow - k0
+            col = matrix.col_indices()[k0:k1] - first * layer.in_features
+            vals = matrix.values()[k0:k1]
+            nbytes += _nbytes(crow) + _nbytes(col) + _nbytes(vals)
+            matrices.append(_csr(crow, col, vals, (hi - lo, rows * layer.in_features)))
+        return _Segment(rows, seg.depth, matrices, nbytes)
 
     def _build_segment(self, terms: tuple[tuple[SetDelta, ...], ...]) -> _Segment:
         self.builds += 1
+        began = time.perf_counter()
         # Block row v = r * depth + k holds the k-th delta of row r; its columns are row r's inputs.
         rows, depth = len(terms), max((len(t) for t in terms), default=0)
         blocks = [t[k] if k < len(t) else None for t in terms for k in range(depth)]
@@ -356,17 +421,30 @@ class GuestRows:
             nbytes += _nbytes(crow) + _nbytes(col) + _nbytes(vals)
             shape = (len(blocks) * layer.out_features, rows * layer.in_features)
             matrices.append(_csr(crow, col, vals, shape))
+        if nbytes:  # the build rate, for deciding when a rebuild pays (moving average: the machine drifts)
+            rate = (time.perf_counter() - began) / nbytes
+            self._build_seconds_per_byte = 0.5 * (self._build_seconds_per_byte + rate)
         return _Segment(rows, depth, matrices, nbytes)
 
-    def prefill_plan(self, terms: Sequence[Sequence[SetDelta]]) -> _DecodePlan | _PrefillPlan:
-        """The plan for a prefill pass over len(terms) rows of any number of tokens each.
+    def prefill_plan(self, terms: Sequence[Sequence[SetDelta]], running: Sequence[Sequence[SetDelta]] = (),
+                     steps: int = 1) -> _DecodePlan | _PrefillPlan:
+        """The plan for a prefill pass over len(terms) rows of any number of tokens each, which then join the
+        `running` rows (their terms) for about `steps` decode steps.
 
         Consecutive rows with the same delta form one run. A single run is one sparse product over all its
         tokens, read and written in place. Several runs share the decode plan's block-diagonal matrices instead:
         one product per layer for all rows and tokens, at the price of a copy of the inputs and a strided add
         (8 rows of 5 sets, 45 tokens each: +89 ms over a 487 ms prefill, against +145 ms with a product per
-        run). The decode step that follows a batch's first prefill asks for the same plan, so it is built once.
+        run). The decode step that follows asks for the plan of the running rows and these, so it is built here:
+        one segment for all of them when the decode plan would merge its segments anyway (the new rows are
+        prefilled with their part of it), else a segment for the new rows that the running ones' segments join.
         """
+        key = tuple(tuple(t) for t in terms)
+        if any(running):
+            batch = tuple(tuple(t) for t in running) + key
+            runs = self._runs(batch)
+            if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):
+                return self._prefill_part(batch, len(running), steps)
         runs: list[list] = []  # [first row, end row, delta]
         open_runs: dict[int, list] = {}  # id(delta) -> its run, if that run reaches the previous row
         for r, deltas in enumerate(terms):
@@ -380,7 +458,6 @@ class GuestRows:
                 reaching[id(d)] = run
             open_runs = reaching
         if len(runs) > 1:  # one segment for these rows, kept (with the running batch's) for the next step
-            key = tuple(tuple(t) for t in terms)
             self._decode, self._decode_key = _DecodePlan(len(key), tuple(self._whole(key))), key
             return self._decode
         products: list[list[tuple[int, int, torch.Tensor]]] = [[] for _ in self.layers]
@@ -388,6 +465,21 @@ class GuestRows:
             for lid, layer in d.layers.items():
                 products[lid].append((start, end, layer.matrix))
         return _PrefillPlan(len(terms), products)
+
+    def _prefill_part(self, batch: tuple, joined: int, steps: int) -> _DecodePlan:
+        """Builds the decode plan of `batch` as one segment and returns the plan of its rows from `joined` on
+        (the rows being prefilled): their part of that segment, cached too, so that when the rows before them
+        leave, the rest keep it."""
+        self._set_decode(batch, steps)
+        rows = len(batch) - joined
+        segments = []
+        for first, seg in self._decode.segments:  # one, or none when no row has deltas
+            lo, hi = max(first, joined), min(first + seg.rows, len(batch))
+            if lo < hi:
+                if batch[lo:hi] not in self._segments:
+                    self._segments[batch[lo:hi]] = self._part(seg, lo - first, hi - lo)
+                segments.append((lo - joined, self._segments[batch[lo:hi]]))
+        return _DecodePlan(rows, tuple(segments))
 
     @contextlib.contextmanager
     def active(self, plan: _DecodePlan | _PrefillPlan | None) -> Iterator[None]:

@@ -96,8 +96,9 @@ def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(b
         torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
-def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bound):
+def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bound, monkeypatch):
     model, switcher, guests, plans, _ = bound
+    monkeypatch.setattr("shira_core.guest_rows.SEGMENT_PRODUCT_SECONDS", 0.0)  # an extra segment is free
     a, b, c = (guests.delta(p) for p in plans[:3])
     first, joiners = [(a,), (b,)], [(c,), (), (a,)]
     ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(5))
@@ -120,6 +121,37 @@ def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bo
     check([(b,), *joiners], [1, 2, None, 0], 3)  # an unknown run: only that run is built
     cohort = guests.prefill_plan([(b,), (c,)])  # new rows get one segment, not the cached one of (b,) and another
     assert guests.builds == 4 and len(cohort.segments) == 1
+
+
+def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_leavers_keep_parts(bound, monkeypatch):
+    model, switcher, guests, plans, _ = bound
+    monkeypatch.setattr("shira_core.guest_rows.SEGMENT_PRODUCT_SECONDS", 1.0)  # any rebuild pays
+    a, b, c = (guests.delta(p) for p in plans[:3])
+    ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(7))
+
+    def check(plan, sets, rows):
+        assert len(plan.segments) == 1
+        with guests.active(plan):
+            got = logits(model, ids[rows])
+        torch.testing.assert_close(got, isolated(model, switcher, plans, sets, ids[rows]), rtol=1e-4, atol=1e-4)
+
+    guests.prefill_plan([(a,), (b,)])  # a fresh batch: its segment
+    guests.decode_plan([(a,), (b,)], steps=30)
+    assert guests.builds == 1
+    joiners = guests.prefill_plan([(c,), (a,), ()], running=[(a,), (b,)], steps=30)  # one segment for all five
+    assert guests.builds == 3  # the batch's segment and the joiners' part of it
+    check(joiners, [2, 0, None], slice(2, 5))
+    everyone = guests.decode_plan([(a,), (b,), (c,), (a,), ()], steps=30)
+    assert guests.builds == 3  # built by the prefill
+    check(everyone, [0, 1, 2, 0, None], slice(0, 5))
+    left = guests.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: the joiners' part
+    assert guests.builds == 3
+    check(left, [2, 0, None], slice(2, 5))
+    guests.forget_plans()
+    guests.prefill_plan([(a,), (b,), (c,)])
+    middle = guests.decode_plan([(b,), (c,)], steps=1)  # the first row left: a part cut from the segment
+    assert guests.builds == 5
+    check(middle, [1, 2], slice(1, 3))
 
 
 def test_a_plan_of_too_many_segments_is_built_as_one(bound, monkeypatch):

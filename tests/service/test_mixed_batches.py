@@ -236,9 +236,9 @@ def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
     depths: list[int] = []
     plan_for = mixed.guests.prefill_plan
 
-    def spy(terms):
+    def spy(terms, *args):
         depths.append(max(len(t) for t in terms))
-        return plan_for(terms)
+        return plan_for(terms, *args)
 
     mixed.guests.prefill_plan = spy
 
