@@ -12,13 +12,15 @@ only 1-9 thousand entries, so one call per layer instead of one per guest row an
 models fast; the entries then cost ~0.7 ns each (cold in cache after the dense weights stream through: about
 the memory-bandwidth floor).
 
-A decode plan is a list of segments, each the block-diagonal matrices of a run of consecutive rows. Rows
-prefilled together (a cohort) get one segment, built for their prefill; when they join a running batch the
-plan appends it to the running segments instead of copying every row's delta into a new matrix, and when a
-whole cohort leaves the others are kept. Only a cohort that loses some of its rows is rebuilt, and a plan
-of more than MAX_SEGMENTS segments. A second segment costs one more product per layer and two slices
-(0.5-4 ms per step over 210 layers on a 2-core CPU, depending on the day), a rebuild 20-40 ms for 8 rows.
-Prefill (many tokens per row) of a single run of rows with the same delta is one sparse matrix-matrix product.
+A decode plan is a list of segments, each the block-diagonal matrices of a run of consecutive rows. Rows that
+join a running batch either get a segment of their own, lined up after the running ones, or, when that extra
+segment's products over the batch's remaining steps would cost more than copying the running rows' deltas
+again, one segment for the whole batch, built at their prefill (which runs on their part of it). Rows that stay
+when others leave keep a part of a cached segment: the values are views, the column indices a shifted copy (a
+third of a build's bytes). A second segment costs one more product per layer and two slices (0.5-4 ms per step
+over 210 layers on a 2-core CPU, depending on the day), a build 20-40 ms for 8 rows; past MAX_SEGMENTS
+segments a plan is built as one. Prefill (many tokens per row) of a single run of rows with the same delta is
+one sparse matrix-matrix product.
 """
 
 from __future__ import annotations
@@ -320,33 +322,37 @@ class GuestRows:
     def _runs(self, key: tuple) -> list[tuple[int, int, tuple | None]]:
         """The rows of `key` as runs (start, end, held): held = (cached key, first row) for rows that a cached
         segment holds from its row `first` on, None for the rows between them."""
+        where: dict[tuple, list[tuple[tuple, int]]] = {}  # a row's terms -> (cached key, row) holding them
+        for cached in self._segments:
+            for first, terms in enumerate(cached):
+                where.setdefault(terms, []).append((cached, first))
         runs: list[tuple[int, int, tuple | None]] = []
         r = 0
         while r < len(key):
-            held = self._held_at(key, r)
+            held = self._held_at(key, r, where)
             if held is not None:
                 end = r + held[2]
             else:
                 end = r + 1
-                while end < len(key) and self._held_at(key, end) is None:
+                while end < len(key) and self._held_at(key, end, where) is None:
                     end += 1
             if held is not None or any(key[r:end]):  # a run of host rows only needs no segment
                 runs.append((r, end, held[:2] if held is not None else None))
             r = end
         return runs
 
-    def _held_at(self, key: tuple, r: int) -> tuple | None:
+    @staticmethod
+    def _held_at(key: tuple, r: int, where: dict) -> tuple | None:
         """The longest run of rows from r on that a cached segment holds, as (its key, first row there, rows,
         whether that is the whole segment), a whole segment first among runs as long."""
         best = None
-        for cached in self._segments:
-            for first in range(len(cached)):
-                n = 0
-                while r + n < len(key) and first + n < len(cached) and key[r + n] == cached[first + n]:
-                    n += 1
-                exact = first == 0 and n == len(cached)
-                if n and (best is None or (n, exact) > best[2:]) and any(key[r : r + n]):
-                    best = (cached, first, n, exact)
+        for cached, first in where.get(key[r], ()):
+            n = 1
+            while r + n < len(key) and first + n < len(cached) and key[r + n] == cached[first + n]:
+                n += 1
+            exact = first == 0 and n == len(cached)
+            if (best is None or (n, exact) > best[2:]) and any(key[r : r + n]):
+                best = (cached, first, n, exact)
         return best
 
     def _run(self, key: tuple, start: int, end: int, held: tuple | None) -> list[tuple[int, _Segment]]:
