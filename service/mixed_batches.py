@@ -50,8 +50,7 @@ class MixedBatches:
         dense_params: the model's adaptable Linear weights, for the guest-size limit.
         plan_bytes: the most bytes a decode plan may hold. The plan copies every corrected row's deltas, so it
             grows with the batch (16 rows of a 1%-dense adapter on a 1.7B model: ~2 GB); rows that would push it
-            past this wait for room (`fits`). A joiners' part of the batch's segment, kept while the batch runs,
-            adds its column indices (up to half as much again).
+            past this wait for room (`fits`).
     """
 
     def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any, bool], SetDelta],

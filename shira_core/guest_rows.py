@@ -443,7 +443,7 @@ class GuestRows:
         (8 rows of 5 sets, 45 tokens each: +89 ms over a 487 ms prefill, against +145 ms with a product per
         run). The decode step that follows asks for the plan of the running rows and these, so it is built here:
         one segment for all of them when the decode plan would merge its segments anyway (the new rows are
-        prefilled with their part of it), else a segment for the new rows that the running ones' segments join.
+        prefilled with a part cut from it), else a segment for the new rows that the running ones' segments join.
         """
         key = tuple(tuple(t) for t in terms)
         if any(running):
@@ -474,17 +474,15 @@ class GuestRows:
 
     def _prefill_part(self, batch: tuple, joined: int, steps: int) -> _DecodePlan:
         """Builds the decode plan of `batch` as one segment and returns the plan of its rows from `joined` on
-        (the rows being prefilled): their part of that segment, cached too, so that when the rows before them
-        leave, the rest keep it."""
+        (the rows being prefilled): their part of that segment. The part is not cached, so the plan budget
+        holds (when the rows before them leave, a part is cut again)."""
         self._set_decode(batch, steps)
         rows = len(batch) - joined
         segments = []
         for first, seg in self._decode.segments:  # one, or none when no row has deltas
             lo, hi = max(first, joined), min(first + seg.rows, len(batch))
             if lo < hi:
-                if batch[lo:hi] not in self._segments:
-                    self._segments[batch[lo:hi]] = self._part(seg, lo - first, hi - lo)
-                segments.append((lo - joined, self._segments[batch[lo:hi]]))
+                segments.append((lo - joined, self._part(seg, lo - first, hi - lo)))
         return _DecodePlan(rows, tuple(segments))
 
     @contextlib.contextmanager

@@ -139,18 +139,18 @@ def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_lea
     guests.decode_plan([(a,), (b,)], steps=30)
     assert guests.builds == 1
     joiners = guests.prefill_plan([(c,), (a,), ()], running=[(a,), (b,)], steps=30)  # one segment for all five
-    assert guests.builds == 3  # the batch's segment and the joiners' part of it
+    assert guests.builds == 3  # the batch's segment and the joiners' part of it (for the prefill only)
     check(joiners, [2, 0, None], slice(2, 5))
     everyone = guests.decode_plan([(a,), (b,), (c,), (a,), ()], steps=30)
     assert guests.builds == 3  # built by the prefill
     check(everyone, [0, 1, 2, 0, None], slice(0, 5))
-    left = guests.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: the joiners' part
-    assert guests.builds == 3
+    left = guests.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: a part, no rebuild
+    assert guests.builds == 4 and len(guests._segments) == 1
     check(left, [2, 0, None], slice(2, 5))
     guests.forget_plans()
     guests.prefill_plan([(a,), (b,), (c,)])
     middle = guests.decode_plan([(b,), (c,)], steps=1)  # the first row left: a part cut from the segment
-    assert guests.builds == 5
+    assert guests.builds == 6
     check(middle, [1, 2], slice(1, 3))
 
 
