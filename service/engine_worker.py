@@ -141,7 +141,7 @@ class Worker(threading.Thread):
                     log.exception("batch for %s failed", key)
         finally:
             if self.mixed is not None:
-                self.mixed.guests.close()  # a restarted engine binds new hooks
+                self.mixed.guests.close()  # a restarted engine wraps the layers anew
 
     def fail_queued(self) -> None:
         """Fails every request still queued (at shutdown)."""
