@@ -290,8 +290,9 @@ class GuestRows:
             self._set_decode(key, steps)
         return self._decode
 
-    def _set_decode(self, key: tuple, steps: int) -> None:
-        runs = self._runs(key)
+    def _set_decode(self, key: tuple, steps: int, runs: list | None = None) -> None:
+        """Makes the decode plan of `key` (`runs`: its runs, when the caller has them already)."""
+        runs = self._runs(key) if runs is None else runs
         if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):  # decided before building any run
             segments = self._whole(key)
         else:
@@ -450,7 +451,7 @@ class GuestRows:
             batch = tuple(tuple(t) for t in running) + key
             runs = self._runs(batch)
             if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):
-                return self._prefill_part(batch, len(running), steps)
+                return self._prefill_part(batch, len(running), steps, runs)
         runs: list[list] = []  # [first row, end row, delta]
         open_runs: dict[int, list] = {}  # id(delta) -> its run, if that run reaches the previous row
         for r, deltas in enumerate(terms):
@@ -472,11 +473,11 @@ class GuestRows:
                 products[lid].append((start, end, layer.matrix))
         return _PrefillPlan(len(terms), products)
 
-    def _prefill_part(self, batch: tuple, joined: int, steps: int) -> _DecodePlan:
+    def _prefill_part(self, batch: tuple, joined: int, steps: int, runs: list) -> _DecodePlan:
         """Builds the decode plan of `batch` as one segment and returns the plan of its rows from `joined` on
         (the rows being prefilled): their part of that segment. The part is not cached, so the plan budget
         holds (when the rows before them leave, a part is cut again)."""
-        self._set_decode(batch, steps)
+        self._set_decode(batch, steps, runs)
         rows = len(batch) - joined
         segments = []
         for first, seg in self._decode.segments:  # one, or none when no row has deltas
