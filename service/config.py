@@ -44,10 +44,15 @@ class Settings(BaseSettings):
     max_groups_waited: int = Field(4, description="A request never waits behind more than this many other groups.")
     batch_wait_ms: float = Field(2.0, description="How long the scheduler lets a batch fill before running it.")
     mixed_batches: bool = Field(True, description="Rows of different adapter sets share one batch (guest rows).")
+    guest_kernel: Literal["native", "torch"] = Field(
+        "native",
+        description="How mixed batches' decode steps correct guest rows on the CPU: the native kernel (built once "
+        "with the machine's C++ compiler; PyTorch's products where it cannot build) or PyTorch's sparse products.",
+    )
     guest_plan_bytes: int = Field(
         256 * 2**20, ge=0,
         description="Most bytes a mixed batch's decode plan may hold (a copy of each guest row's delta); rows that "
-        "would exceed it wait for room.",
+        "would exceed it wait for room. PyTorch's products only: the native kernel's plans copy nothing.",
     )
 
     @field_validator("admin_token", "read_token")

@@ -117,7 +117,9 @@ class Worker(threading.Thread):
         self._process = psutil.Process()
         self.mixed: MixedBatches | None = None
         if settings.mixed_batches:
-            guests = GuestRows(generator.model, switcher)
+            guests = GuestRows(generator.model, switcher, native=settings.guest_kernel == "native")
+            log.info("mixed batches: guest rows corrected by %s", "the native kernel" if guests.native
+                     else "PyTorch's sparse products")
             dense = sum(layer.out_features * layer.in_features for layer in guests.layers)
             self.mixed = MixedBatches(guests, self._delta, self._switch, lambda: self.active_key, dense,
                                       settings.guest_plan_bytes)

@@ -37,6 +37,11 @@ DEPTH2_ENTRY_COST = 1.35
 # (switch: 15-17 ms per 1.06M entries; guest correction: ~4 ms per 1.06M entries per decode step; both measured
 # the same day, and both scale with memory speed).
 SWITCH_ENTRY_COST = 4
+# With the native kernel (shira_core.guest_kernel) a delta's entries are read once per step for all the m rows
+# that carry it: about nnz * (NATIVE_TERM_READ + m) units of ~0.35 ns (0.8-1.0 ns per entry for one row, 0.34-0.46
+# per entry and row for eight; 2-core CPU). A switch writes an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
+NATIVE_TERM_READ = 1.5
+NATIVE_SWITCH_ENTRY_COST = 40
 
 
 class MixedBatches:
@@ -97,6 +102,8 @@ class MixedBatches:
     def _plan_bytes(self, counts: Counter, host: Hashable) -> int:
         """An upper bound on the decode plan's bytes for rows of these sets under this host: each guest row's
         entries (its own delta's, and the host's negated), and row pointers for every row at the plan's depth."""
+        if self.guests.native:  # native plans point into the deltas and copy nothing
+            return 0
         host_entries, host_rows = self._bytes.get(host, (0, 0))
         entries = sum(n * (self._bytes[k][0] + host_entries) for k, n in counts.items() if k != host)
         pointers = max(host_rows, *(self._bytes[k][1] for k in counts))
@@ -130,9 +137,14 @@ class MixedBatches:
 
         def cost(host: Hashable) -> float:
             host_nnz = nnz.get(host, active_nnz if host == active else 0)
+            written = 0 if host == active else active_nnz + host_nnz
+            if self.guests.native:  # one term per guest set, and the host's negated delta for every guest row
+                guest_rows = sum(n for k, n in counts.items() if k != host)
+                step = sum(nnz[k] * (NATIVE_TERM_READ + n) for k, n in counts.items() if k != host)
+                step += host_nnz * (NATIVE_TERM_READ + guest_rows)
+                return horizon * step + NATIVE_SWITCH_ENTRY_COST * written
             step = sum(n * (nnz[k] + host_nnz) for k, n in counts.items() if k != host)
             step *= 1 if host == BASE_KEY else DEPTH2_ENTRY_COST
-            written = 0 if host == active else active_nnz + host_nnz
             return horizon * step + SWITCH_ENTRY_COST * written
 
         candidates = self._hosts(counts)

@@ -8,6 +8,8 @@ machine's speed hits each alike:
               corrected by its own delta (guest rows)
   mixed-host  the same rows with the most common set applied; its rows run free, the others carry their own
               delta and the host's, negated
+The two mixed variants run on the native kernel (shira_core.guest_kernel) where it builds, and again as
+`mixed-torch` and `mixed-host-torch` on PyTorch's sparse products, side by side.
 This is the serving benchmark's mixed/single ratio without HTTP, scheduling or batch churn, so it shows what
 the corrections themselves cost on this device. `--model random` builds a SmolLM2-135M-shaped model with random
 weights, for machines without a copy of the real one (the step time does not depend on the values).
@@ -16,6 +18,7 @@ weights, for machines without a copy of the real one (the step time does not dep
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import random
@@ -94,22 +97,26 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
     lm = bench_model({"base": model, "layers": layers, "device": str(dev), "dtype": dt}).eval()
     names = linear_weight_names(lm)
     switcher = Switcher(lm)
-    guests = GuestRows(lm, switcher)
     plans = [switcher.prepare([(random_adapter(lm, names, density, seed=100 + k, name=f"bench-{k}"), 1.0)])
              for k in range(adapters)]
-    deltas = [guests.delta(p) for p in plans]
     sets = zipf_rows(rows, adapters)
     host = Counter(sets).most_common(1)[0][0]
-    minus_host = guests.delta(plans[host], negate=True)
-    mixed = guests.decode_plan([(deltas[s],) for s in sets])
-    hosted = guests.decode_plan([() if s == host else (deltas[s], minus_host) for s in sets])
     timer = StepTimer(lm, rows)
-
-    def under(plan) -> Any:
-        return lambda: guests.active(plan)
-
-    variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext),
-                "mixed": (None, under(mixed)), "mixed-host": (plans[host], under(hosted))}
+    variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext)}
+    all_guests = []
+    for native in (True, False):
+        guests = GuestRows(lm, switcher, native=native)
+        if native and not guests.native:
+            continue  # no kernel here: the PyTorch variants only
+        all_guests.append(guests)
+        deltas = [guests.delta(p) for p in plans]
+        minus_host = guests.delta(plans[host], negate=True)
+        mixed = guests.decode_plan([(deltas[s],) for s in sets])
+        guests.forget_plans()  # the plan objects stay usable; this only drops the cache that holds them
+        hosted = guests.decode_plan([() if s == host else (deltas[s], minus_host) for s in sets])
+        suffix = "" if native else "-torch"
+        variants[f"mixed{suffix}"] = (None, functools.partial(guests.active, mixed))
+        variants[f"mixed-host{suffix}"] = (plans[host], functools.partial(guests.active, hosted))
     # Each variant keeps its own batch; the rounds visit them in turn for a few steps each, so drift in the
     # machine's speed over seconds hits all alike, and each round's ratios pair neighbouring steps.
     states = {name: timer.start() for name in variants}
@@ -120,20 +127,22 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
                 switcher.revert()
             else:
                 switcher.apply(applied)
-            if context is contextlib.nullcontext:
-                guests.forget_plans()  # as the service does after a mixed batch: plain steps carry no hooks
+            for guests in all_guests:  # as the service does after a mixed batch: plain steps carry no wrappers,
+                guests.forget_plans()  # and one GuestRows' wrappers never sit over the other's
             times = timer.steps_ms(states[name], context, steps if r else 2)
             if r:
                 rounds[name].append(times)
     switcher.revert()
-    guests.close()
+    for guests in all_guests:
+        guests.close()
     ms = {k: statistics.median(t for times in v for t in times) for k, v in rounds.items()}
     by_round = {k: [statistics.median(times) for times in v] for k, v in rounds.items()}
     paired = {k: [s / t for s, t in zip(by_round["single"], v, strict=True)] for k, v in by_round.items()}
     report = {
         "setup": {"model": model, "device": str(dev), "dtype": dt, "rows": rows, "sets": sets, "host": host,
                   "adapters": adapters, "density": density, "steps": steps, "repeats": repeats,
-                  "corrected_layers": len(guests.layers), "guest_dtype": str(guests.dtype).replace("torch.", "")},
+                  "corrected_layers": len(guests.layers), "guest_dtype": str(guests.dtype).replace("torch.", ""),
+                  "native_kernel": all_guests[0].native},
         "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
         "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in by_round.items()},
         "vs_single": {k: round(ms["single"] / v, 3) for k, v in ms.items()},

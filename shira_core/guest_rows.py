@@ -36,6 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import guest_kernel
 from .errors import ShiraError
 from .switcher import Switcher, SwitchPlan
 
@@ -59,6 +60,7 @@ class _LayerDelta:
     values: torch.Tensor  # GuestRows.dtype [nnz]: adapted - original
     matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
+    col16: torch.Tensor | None = None  # col as uint16 bits (in an int16 tensor), for the native decode kernel
 
 
 @dataclass(eq=False)
@@ -71,7 +73,8 @@ class SetDelta:
 
     @property
     def nbytes(self) -> int:
-        return self.entry_bytes + self.pointer_bytes
+        narrow = sum(_nbytes(d.col16) for d in self.layers.values() if d.col16 is not None)
+        return self.entry_bytes + self.pointer_bytes + narrow
 
     @property
     def entry_bytes(self) -> int:
@@ -88,7 +91,8 @@ class SetDelta:
         layers = {}
         for lid, d in self.layers.items():
             values = d.values.neg()
-            layers[lid] = _LayerDelta(d.crow, d.col, values, _csr(d.crow, d.col, values, d.matrix.shape), d.counts)
+            matrix = _csr(d.crow, d.col, values, d.matrix.shape)
+            layers[lid] = _LayerDelta(d.crow, d.col, values, matrix, d.counts, d.col16)
         return SetDelta(f"-{self.label}", layers, self.nnz)
 
 
@@ -115,6 +119,17 @@ class _DecodePlan:
     @property
     def nbytes(self) -> int:
         return sum(seg.nbytes for _, seg in self.segments)
+
+
+@dataclass
+class _NativePlan:
+    """A decode plan for the native kernel: per layer, a table of (a set's delta, the rows it applies to). It
+    points into the deltas' own arrays, copies nothing, and holds the deltas so those arrays outlive it."""
+
+    rows: int
+    tables: list[torch.Tensor | None]  # per layer: the kernel's int64 table (guest_decode.cpp), or None
+    deltas: tuple[SetDelta, ...]
+    nbytes: int = 0  # it holds no copy of any delta
 
 
 @dataclass
@@ -172,9 +187,12 @@ class GuestRows:
     Args:
         model: the model the Switcher is bound to.
         switcher: its Switcher (plans are mapped back to layers through its flat-buffer slots).
+        native: run decode steps' corrections with the native kernel (shira_core.guest_kernel) where it builds
+            and applies (CPU, fp32 sums, inputs of at most 65,536 features); False, or where it does not, they
+            run as PyTorch sparse products over block-diagonal segments.
     """
 
-    def __init__(self, model: nn.Module, switcher: Switcher) -> None:
+    def __init__(self, model: nn.Module, switcher: Switcher, native: bool = True) -> None:
         self.switcher = switcher
         self.layers: list[_Layer] = []
         self._active: _DecodePlan | _PrefillPlan | None = None
@@ -211,6 +229,10 @@ class GuestRows:
         params = list(switcher._params.values())  # noqa: SLF001
         self.device = params[0].device if params else torch.device("cpu")
         self.dtype = _sparse_dtype(params[0].dtype, self.device) if params else torch.float32
+        # The native decode kernel: CPU, fp32 deltas, and columns that fit 16 bits.
+        fits = self.device.type == "cpu" and self.dtype == torch.float32
+        fits = fits and all(x.in_features <= 2**16 for x in self.layers)
+        self._kernel = guest_kernel.load() if native and fits else None
         self._no_entries = [torch.zeros(x.out_features, dtype=torch.int32, device=self.device) for x in self.layers]
         self._zero = torch.zeros(1, dtype=torch.int32, device=self.device)
 
@@ -269,7 +291,8 @@ class GuestRows:
                 vals = values[pos : pos + n]
                 shape = (layer.out_features, layer.in_features)
                 matrix = _csr(crow32, col32, vals, shape)
-                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff())
+                col16 = col32.to(torch.int16) if self._kernel is not None else None  # wraps to the uint16 bits
+                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff(), col16)
                 pos += n
         delta = SetDelta(plan.label, layers, plan.nnz)
         return delta.negated() if negate else delta
@@ -287,8 +310,39 @@ class GuestRows:
         """
         key = tuple(tuple(t) for t in terms)  # identity: SetDelta compares by object
         if key != self._decode_key:
-            self._set_decode(key, steps)
+            if self._kernel is not None:
+                self._segments = {}  # a prefill's segments; native plans need none
+                self._decode, self._decode_key = self._native_plan(key), key
+            else:
+                self._set_decode(key, steps)
         return self._decode
+
+    @property
+    def native(self) -> bool:
+        """Whether decode plans run on the native kernel (and copy no deltas)."""
+        return self._kernel is not None
+
+    def _native_plan(self, key: tuple) -> _NativePlan:
+        """One term per distinct delta and layer, with every row that carries it: the kernel reads each delta's
+        entries once per step however many rows share it."""
+        self.builds += 1
+        rows: dict[int, list[int]] = {}
+        deltas: dict[int, SetDelta] = {}
+        for r, row_terms in enumerate(key):
+            for d in row_terms:
+                deltas.setdefault(id(d), d)
+                rows.setdefault(id(d), []).append(r)
+        tables: list[torch.Tensor | None] = []
+        for lid in range(len(self.layers)):
+            table = [0]
+            for did, d in deltas.items():
+                part = d.layers.get(lid)
+                if part is not None:
+                    table[0] += 1
+                    table += [part.crow.data_ptr(), part.col16.data_ptr(), part.values.data_ptr(), len(rows[did])]
+                    table += rows[did]
+            tables.append(torch.tensor(table, dtype=torch.int64) if table[0] else None)
+        return _NativePlan(len(key), tables, tuple(deltas.values()))
 
     def _set_decode(self, key: tuple, steps: int, runs: list | None = None) -> None:
         """Makes the decode plan of `key` (`runs`: its runs, when the caller has them already)."""
@@ -447,7 +501,7 @@ class GuestRows:
         prefilled with a part cut from it), else a segment for the new rows that the running ones' segments join.
         """
         key = tuple(tuple(t) for t in terms)
-        if any(running):
+        if any(running) and self._kernel is None:  # native decode plans build nothing, so never merge
             batch = tuple(tuple(t) for t in running) + key
             runs = self._runs(batch)
             if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):
@@ -464,6 +518,8 @@ class GuestRows:
                 run[1] = r + 1
                 reaching[id(d)] = run
             open_runs = reaching
+        if len(runs) > 1 and self._kernel is not None:  # a segment for the prefill only (dropped at the next plan)
+            return _DecodePlan(len(key), tuple(self._whole(key)))
         if len(runs) > 1:  # one segment for these rows, kept (with the running batch's) for the next step
             self._decode, self._decode_key = _DecodePlan(len(key), tuple(self._whole(key))), key
             return self._decode
@@ -517,6 +573,11 @@ class GuestRows:
     def _correct(self, plan: _DecodePlan | _PrefillPlan, lid: int, x: torch.Tensor, out: torch.Tensor) -> None:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
+        if isinstance(plan, _NativePlan):
+            table = plan.tables[lid]
+            if table is not None:  # one token per row (the kernel checks); fp32 sums, rounded into out's dtype
+                self._kernel.decode(table, x, out)
+            return
         if isinstance(plan, _DecodePlan):
             if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass
                 for start, seg in plan.segments:

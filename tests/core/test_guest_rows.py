@@ -25,12 +25,15 @@ def adapter(model, name: str, seed: int, density: float = 0.1, std: float = 0.3)
     return SparseAdapter(name, deltas)
 
 
-@pytest.fixture
-def bound(tiny_llama):
+@pytest.fixture(params=[False], ids=["torch"])
+def bound(request, tiny_llama):
+    """A model, its Switcher and GuestRows, and plans of four sets. PyTorch's products unless a test asks for the
+    native kernel (`@pytest.mark.parametrize("bound", [True], indirect=True)`)."""
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher)
+    guests = GuestRows(model, switcher, native=request.param)
+    assert guests.native == request.param  # the kernel builds here: a machine with a C++ compiler
     plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
     plans.append(switcher.prepare([(adapter(model, "m1", 7), 0.6), (adapter(model, "m2", 8), 0.5)]))
     yield model, switcher, guests, plans, snapshot
@@ -55,6 +58,7 @@ def isolated(model, switcher, plans, sets: list[int | None], ids: torch.Tensor) 
     return torch.stack(out)
 
 
+@pytest.mark.parametrize("bound", [False, True], indirect=True, ids=["torch", "native"])
 @pytest.mark.parametrize("host", [None, 0, 3])
 def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
     model, switcher, guests, plans, snapshot = bound
@@ -81,6 +85,63 @@ def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
     assert not torch.allclose(plain, expected, atol=1e-3)  # the sets really differ from the host alone
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+@pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
+@pytest.mark.parametrize("host", [None, 1])
+def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, host):
+    model, switcher, guests, plans, snapshot = bound
+    # 11 rows of set 0 (blocks of 8 and 3), 4 of set 2, one each of set 3 and the base: every block size.
+    sets = [0] * 5 + [2, None] + [0] * 6 + [2, 3, 2, 2]
+    ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(9))
+    expected = isolated(model, switcher, plans, sets, ids)
+    if host is not None:
+        switcher.apply(plans[host])
+    deltas = {s: guests.delta(plans[s]) for s in (0, 2, 3)}
+    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
+    terms = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+    plan = guests.decode_plan(terms)
+    assert plan.nbytes == 0  # it points into the deltas
+    table = plan.tables[0]  # [terms, then per term: 3 addresses, m, m rows]
+    assert int(table[0]) == 3 + len(minus_host)  # one term per distinct delta, not one per row
+    with guests.active(plan):
+        got = logits(model, ids)
+    switcher.revert()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert guests.decode_plan(terms) is plan and guests.builds == 1
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
+
+
+@pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
+def test_native_plans_prefill_joiners_on_a_segment_of_their_own(bound):
+    model, switcher, guests, plans, _ = bound
+    a, b, c = (guests.delta(p) for p in plans[:3])
+    ids = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(10))
+    plan = guests.prefill_plan([(c,), (a,), ()], running=[(b,)], steps=30)
+    assert plan.rows == 3 and len(plan.segments) == 1  # several runs: the joiners' own block-diagonal segment
+    with guests.active(plan):
+        got = logits(model, ids)
+    torch.testing.assert_close(got, isolated(model, switcher, plans, [2, 0, None], ids), rtol=1e-4, atol=1e-4)
+    guests.decode_plan([(b,), (c,), (a,), ()])
+    assert guests._segments == {}  # the decode steps run native: the prefill's segment is let go
+
+
+def test_the_native_kernel_corrects_a_bf16_model_in_fp32(tiny_llama):
+    model = tiny_llama(seed=3, vocab=64, hidden=32).to(torch.bfloat16)
+    switcher = Switcher(model)
+    guests = GuestRows(model, switcher)
+    assert guests.native and guests.dtype == torch.float32  # the sums run in fp32, rounded into bf16 outputs
+    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(2)]
+    ids = torch.randint(0, 64, (3, 1), generator=torch.Generator().manual_seed(11))
+    expected = isolated(model, switcher, plans, [1, 0, None], ids).float()
+    a, b = (guests.delta(p) for p in plans)
+    with guests.active(guests.decode_plan([(b,), (a,), ()])):
+        got = logits(model, ids).float()
+    plain = logits(model, ids).float()
+    guests.close()
+    torch.testing.assert_close(got, expected, rtol=0.03, atol=0.03)
+    assert not torch.allclose(plain[:2], expected[:2], atol=0.1)  # the sets really change those rows
 
 
 def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(bound):
@@ -224,11 +285,20 @@ def test_a_forward_another_library_set_on_a_linear_runs_inside_the_wrapper_and_c
     assert down.forward == theirs
 
 
+@pytest.mark.parametrize("bound", [False, True], indirect=True, ids=["torch", "native"])
 def test_a_plan_for_another_row_count_is_refused(bound):
     model, _, guests, plans, _ = bound
     delta = guests.delta(plans[1])
     with guests.active(guests.decode_plan([(delta,), (), ()])), pytest.raises(RuntimeError, match="3 rows"):
         logits(model, torch.zeros(2, 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
+def test_a_native_decode_plan_refuses_a_pass_of_several_tokens_per_row(bound):
+    model, _, guests, plans, _ = bound
+    plan = guests.decode_plan([(guests.delta(plans[1]),), ()])
+    with guests.active(plan), pytest.raises(RuntimeError, match="one token per row"):
+        logits(model, torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):

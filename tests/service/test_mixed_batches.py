@@ -20,12 +20,14 @@ from shira_core.fingerprint import BaseFingerprint
 from shira_core.models import load_base
 
 
-@pytest.fixture
-def tiny_mixed(tokenizer, registry):  # noqa: F811 - the module fixture imported above
+@pytest.fixture(params=["native"])
+def tiny_mixed(request, tokenizer, registry):  # noqa: F811 - the module fixture imported above
+    """An engine on a tiny model with three uploaded adapters; the native kernel unless a test asks for
+    PyTorch's products (`@pytest.mark.parametrize("tiny_mixed", ["torch"], indirect=True)`)."""
     model = tiny_model(len(tokenizer))
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    engine = Engine(Settings(max_queue=64, batch_wait_ms=20.0, mixed_batches=True), registry, model=model,
-                    tokenizer=tokenizer)
+    settings = Settings(max_queue=64, batch_wait_ms=20.0, mixed_batches=True, guest_kernel=request.param)
+    engine = Engine(settings, registry, model=model, tokenizer=tokenizer)
     engine.start()
     for seed, name in enumerate(["a1", "a2", "a3"], start=1):
         upload(registry, random_adapter(model, name, seed, density=0.1, std=0.5), engine.fingerprint)
@@ -85,6 +87,7 @@ def test_a_set_that_cannot_mix_runs_in_a_batch_of_its_own(tiny_mixed, registry):
     assert any("emb" in str(k) for k in engine._worker.mixed._refused)
 
 
+@pytest.mark.parametrize("tiny_mixed", ["torch"], indirect=True)  # native plans copy no deltas
 def test_the_decode_plan_stays_within_its_byte_budget_and_rows_past_it_wait(tiny_mixed):
     engine, snapshot = tiny_mixed
     mixed = engine._worker.mixed
@@ -111,6 +114,7 @@ def test_the_decode_plan_stays_within_its_byte_budget_and_rows_past_it_wait(tiny
     engine.start()
 
 
+@pytest.mark.parametrize("tiny_mixed", ["torch"], indirect=True)  # native plans copy no deltas
 def test_a_zero_plan_budget_makes_the_sets_take_turns(tiny_mixed):
     engine, _ = tiny_mixed
     engine._worker.mixed.plan_bytes = 0
@@ -171,7 +175,8 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs():
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
-def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer):  # noqa: F811
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, native):  # noqa: F811
     from service.batch_generation import Row
     from service.generation import SamplingParams
     from service.mixed_batches import MixedBatches
@@ -181,8 +186,9 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer): 
     model = tiny_model(len(tokenizer))
     switcher = Switcher(model)
     active = ["A"]
-    mixed = MixedBatches(GuestRows(model, switcher), lambda key, rset, negate: SetDelta(key, {}, 1000),
+    mixed = MixedBatches(GuestRows(model, switcher, native=native), lambda key, rset, negate: SetDelta(key, {}, 1000),
                          lambda key, rset: 0.0, lambda: active[0], dense_params=10**9)
+    assert mixed.guests.native == native
     keys = ["A", "B", "C", "D", "E", "F", "G"]
     assert all(mixed.mixable(k, None) for k in keys)
 
@@ -190,6 +196,15 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer): 
         sets = ["A"] * own + keys[1 : 1 + 8 - own]
         return [Row([1], SamplingParams(max_new_tokens=32), set_key=k) for k in sets]
 
+    if native:
+        # The host's negated delta is read once for all guest rows, and so is A's own under the base: with
+        # half the rows on A the two hosts cost the same per step, so the one in the weights stays.
+        assert mixed.choose_host(rows(4)) == "A"
+        assert mixed.choose_host(rows(2)) == ()  # 6 guests carrying A's negated delta too: the base pays
+        active[0] = ()
+        assert mixed.choose_host(rows(4)) == ()
+        assert mixed.choose_host(rows(6)) == "A"
+        return
     # Half the rows on the host's set: each other row would carry two deltas (8 entries-worth at the slower
     # two-term rate) against one each (8) under the base, so the base wins even after paying the switch.
     assert mixed.choose_host(rows(4)) == ()
@@ -245,11 +260,11 @@ def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
     async def run():
         await engine.generate(request(ids, "a1", n=2))  # leaves a1 in the weights
         depths.clear()
-        sets = [("a2",), ("a3",), (), ("a2",)]  # the base hosts these best
-        return await asyncio.gather(*(engine.generate(request(ids, *s, n=4)) for s in sets))
+        sets = [("a2",), ("a3",), (), ("a2",)]  # the base hosts these best (over enough steps to pay the switch)
+        return await asyncio.gather(*(engine.generate(request(ids, *s, n=16)) for s in sets))
 
     results = asyncio.run(run())
-    assert all(r.completion_tokens == 4 for r in results)
+    assert all(r.completion_tokens == 16 for r in results)
     # Prefilled under a1, every row would carry a1's negated delta too (depth 2), and the first decode step
     # would switch to the base and build a second plan.
     assert depths and max(depths) == 1
