@@ -27,7 +27,8 @@ def test_bench_step_times_every_variant_and_hosts_the_most_common_set():
     setup = report["setup"]
     assert len(setup["sets"]) == 8 and setup["corrected_layers"] == 2 * 7
     assert setup["host"] == Counter(setup["sets"]).most_common(1)[0][0]
-    assert set(report["ms_per_step"]) == {"base", "single", "mixed", "mixed-host"}
+    assert setup["native_kernel"]  # and the PyTorch products side by side
+    assert set(report["ms_per_step"]) == {"base", "single", "mixed", "mixed-host", "mixed-torch", "mixed-host-torch"}
     assert all(len(v) == 2 and min(v) > 0 for v in report["ms_per_step_by_repeat"].values())
     assert report["vs_single"]["single"] == 1.0 and report["vs_single_by_repeat"]["single"] == [1.0, 1.0]
     assert len(report["vs_single_by_repeat"]["mixed"]) == 2
