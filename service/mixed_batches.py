@@ -3,7 +3,8 @@
 The worker's side of shira_core.guest_rows: it decides which sets may ride as guests, picks the host before
 each decode step (switching the weights when that pays), and hands the generator the guest plan for each
 forward pass. Rows of the host set cost nothing extra; every other row adds its set's delta, and the host's
-delta negated when the host is not the base, to one block-diagonal sparse product per layer.
+delta negated when the host is not the base: on the CPU in the native kernel, which reads each delta once for
+all its rows, else in one block-diagonal sparse product per layer.
 """
 
 from __future__ import annotations

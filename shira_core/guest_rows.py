@@ -21,6 +21,10 @@ third of a build's bytes). A second segment costs one more product per layer and
 over 210 layers on a 2-core CPU, depending on the day), a build 20-40 ms for 8 rows; past MAX_SEGMENTS
 segments a plan is built as one. Prefill (many tokens per row) of a single run of rows with the same delta is
 one sparse matrix-matrix product.
+
+On the CPU, decode steps run on the native kernel (shira_core.guest_kernel) where it builds: its plan is a table
+per layer of (a delta, the rows carrying it) that points into the deltas themselves, so it copies nothing, and
+each delta's entries are read once per step for all its rows. Segments then serve prefills of several runs only.
 """
 
 from __future__ import annotations
