@@ -199,9 +199,9 @@ class GuestRows:
     def __init__(self, model: nn.Module, switcher: Switcher, native: bool = True) -> None:
         self.switcher = switcher
         self.layers: list[_Layer] = []
-        self._active: _DecodePlan | _PrefillPlan | None = None
+        self._active: _DecodePlan | _NativePlan | _PrefillPlan | None = None
         self._decode_key: tuple | None = None
-        self._decode: _DecodePlan | None = None
+        self._decode: _DecodePlan | _NativePlan | None = None
         self._segments: dict[tuple, _Segment] = {}  # by the rows' deltas: segments a plan may reuse
         self.builds = 0  # segments built (or cut from a built one) so far
         self._build_seconds_per_byte = 0.4e-9  # measured by each build; this first guess is a 2-core CPU's
@@ -303,10 +303,11 @@ class GuestRows:
 
     # -- plans -----------------------------------------------------------------------------------------
 
-    def decode_plan(self, terms: Sequence[Sequence[SetDelta]], steps: int = 1) -> _DecodePlan:
+    def decode_plan(self, terms: Sequence[Sequence[SetDelta]], steps: int = 1) -> _DecodePlan | _NativePlan:
         """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
-        Runs of rows held by a segment built earlier (by a prefill, or for an earlier step; a run may be a part
+        On the native kernel, a table per layer of each distinct delta and the rows carrying it (no copy). Else
+        runs of rows held by a segment built earlier (by a prefill, or for an earlier step; a run may be a part
         of one) reuse it; the rest get new segments. One segment is built for all rows instead when the plan
         would have more than MAX_SEGMENTS, or when the extra segments' products over `steps` decode steps would
         cost more than rebuilding the reused rows. Segments this plan does not use are dropped. Asking again with
@@ -547,7 +548,7 @@ class GuestRows:
         return _DecodePlan(rows, tuple(segments))
 
     @contextlib.contextmanager
-    def active(self, plan: _DecodePlan | _PrefillPlan | None) -> Iterator[None]:
+    def active(self, plan: _DecodePlan | _NativePlan | _PrefillPlan | None) -> Iterator[None]:
         """Makes `plan` apply to the forward passes inside the block (None: plain forward passes)."""
         if plan is not None:
             self._wrap()
@@ -574,7 +575,8 @@ class GuestRows:
 
         return forward
 
-    def _correct(self, plan: _DecodePlan | _PrefillPlan, lid: int, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _correct(self, plan: _DecodePlan | _NativePlan | _PrefillPlan, lid: int, x: torch.Tensor,
+                 out: torch.Tensor) -> None:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _NativePlan):
