@@ -91,19 +91,21 @@ def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
 @pytest.mark.parametrize("host", [None, 1])
 def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, host):
     model, switcher, guests, plans, snapshot = bound
-    # 11 rows of set 0 (blocks of 8 and 3), 4 of set 2, one each of set 3 and the base: every block size.
-    sets = [0] * 5 + [2, None] + [0] * 6 + [2, 3, 2, 2]
+    # Set 0 on 11 rows (blocks of 8 and 3), set 2 on 4, set 3 on 2, set 1 on one (the host's negated delta: 18
+    # rows, 8 + 8 + 2), and a base row: every block size.
+    sets = [0] * 5 + [2, None, 1] + [0] * 6 + [2, 3, 2, 2, 3]
     ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(9))
     expected = isolated(model, switcher, plans, sets, ids)
     if host is not None:
         switcher.apply(plans[host])
-    deltas = {s: guests.delta(plans[s]) for s in (0, 2, 3)}
+    deltas = {s: guests.delta(plans[s]) for s in (0, 1, 2, 3)}
     minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
     terms = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
     plan = guests.decode_plan(terms)
     assert plan.nbytes == 0  # it points into the deltas
     table = plan.tables[0]  # [terms, then per term: 3 addresses, m, m rows]
-    assert int(table[0]) == 3 + len(minus_host)  # one term per distinct delta, not one per row
+    own = {s for s in sets if s not in (None, host)}
+    assert int(table[0]) == len(own) + len(minus_host)  # one term per distinct delta, not one per row
     with guests.active(plan):
         got = logits(model, ids)
     switcher.revert()
