@@ -22,8 +22,8 @@ over 210 layers on a 2-core CPU, depending on the day), a build 20-40 ms for 8 r
 segments a plan is built as one. Prefill (many tokens per row) of a single run of rows with the same delta is
 one sparse matrix-matrix product.
 
-On the CPU, decode steps run on the native kernel (shira_core.guest_kernel) where it builds: its plan is a table
-per layer of (a delta, the rows carrying it) that points into the deltas themselves, so it copies nothing, and
+On the CPU, decode steps run on the native kernel (shira_core.guest_kernel) where it builds: its plan lists each
+distinct delta (its arrays' addresses per layer) and the rows carrying it, so it copies nothing, and
 each delta's entries are read once per step for all its rows. Segments then serve prefills of several runs only.
 """
 
@@ -64,7 +64,9 @@ class _LayerDelta:
     values: torch.Tensor  # GuestRows.dtype [nnz]: adapted - original
     matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
-    col16: torch.Tensor | None = None  # col as uint16 bits (in an int16 tensor), for the native decode kernel
+    # For the native decode kernel: the entries block by block of output rows, by column within a block (start
+    # int32 [blocks + 1], the row within the block uint8, the column as uint16 bits in int16, the value).
+    blocked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass(eq=False)
@@ -74,11 +76,12 @@ class SetDelta:
     label: str
     layers: dict[int, _LayerDelta]
     nnz: int
+    addresses: torch.Tensor | None = None  # int64 [layers, 3] for the native kernel, built at its first plan
 
     @property
     def nbytes(self) -> int:
-        narrow = sum(_nbytes(d.col16) for d in self.layers.values() if d.col16 is not None)
-        return self.entry_bytes + self.pointer_bytes + narrow
+        blocked = sum(_nbytes(t) for d in self.layers.values() if d.blocked is not None for t in d.blocked)
+        return self.entry_bytes + self.pointer_bytes + blocked
 
     @property
     def entry_bytes(self) -> int:
@@ -96,7 +99,8 @@ class SetDelta:
         for lid, d in self.layers.items():
             values = d.values.neg()
             matrix = _csr(d.crow, d.col, values, d.matrix.shape)
-            layers[lid] = _LayerDelta(d.crow, d.col, values, matrix, d.counts, d.col16)
+            blocked = (*d.blocked[:3], d.blocked[3].neg()) if d.blocked is not None else None
+            layers[lid] = _LayerDelta(d.crow, d.col, values, matrix, d.counts, blocked)
         return SetDelta(f"-{self.label}", layers, self.nnz)
 
 
@@ -127,11 +131,13 @@ class _DecodePlan:
 
 @dataclass
 class _NativePlan:
-    """A decode plan for the native kernel: per layer, a table of (a set's delta, the rows it applies to). It
-    points into the deltas' own arrays, copies nothing, and holds the deltas so those arrays outlive it."""
+    """A decode plan for the native kernel: each distinct delta's arrays, per layer, and the rows it applies to.
+    It points into the deltas' own arrays, copies nothing, and holds the deltas so those arrays outlive it."""
 
     rows: int
-    tables: list[torch.Tensor | None]  # per layer: the kernel's int64 table (guest_decode.cpp), or None
+    terms: torch.Tensor  # int64 [deltas, layers, 4]: the addresses of a delta's blocked arrays (0: none there)
+    row_table: torch.Tensor  # int64: deltas + 1 offsets into the rest, then each delta's rows
+    used: list[bool]  # per layer: whether any delta has entries there
     deltas: tuple[SetDelta, ...]
     nbytes: int = 0  # it holds no copy of any delta
 
@@ -150,6 +156,18 @@ def _csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tup
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and the kernels are what we want
         warnings.simplefilter("ignore", UserWarning)
         return torch.sparse_csr_tensor(crow, col, values, shape)
+
+
+def _blocked(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
+             block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's entries in the native kernel's layout: by block of `block` output rows, then by column."""
+    n_blocks = (shape[0] + block - 1) // block
+    which = row // block
+    order = torch.argsort(which * shape[1] + col, stable=True)
+    start = torch.zeros(n_blocks + 1, dtype=torch.int64)
+    start[1:] = torch.bincount(which, minlength=n_blocks).cumsum(0)
+    local = (row % block)[order].to(torch.uint8)
+    return start.to(torch.int32), local, col[order].to(torch.int16), values[order].contiguous()
 
 
 def _sparse_mm(matrix: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
@@ -295,8 +313,8 @@ class GuestRows:
                 vals = values[pos : pos + n]
                 shape = (layer.out_features, layer.in_features)
                 matrix = _csr(crow32, col32, vals, shape)
-                col16 = col32.to(torch.int16) if self._kernel is not None else None  # wraps to the uint16 bits
-                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff(), col16)
+                blocked = _blocked(row, col, vals, shape, self._kernel.block) if self._kernel is not None else None
+                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff(), blocked)
                 pos += n
         delta = SetDelta(plan.label, layers, plan.nnz)
         return delta.negated() if negate else delta
@@ -306,7 +324,7 @@ class GuestRows:
     def decode_plan(self, terms: Sequence[Sequence[SetDelta]], steps: int = 1) -> _DecodePlan | _NativePlan:
         """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
-        On the native kernel, a table per layer of each distinct delta and the rows carrying it (no copy). Else
+        On the native kernel, each distinct delta and the rows carrying it (no copy). Else
         runs of rows held by a segment built earlier (by a prefill, or for an earlier step; a run may be a part
         of one) reuse it; the rest get new segments. One segment is built for all rows instead when the plan
         would have more than MAX_SEGMENTS, or when the extra segments' products over `steps` decode steps would
@@ -328,8 +346,8 @@ class GuestRows:
         return self._kernel is not None
 
     def _native_plan(self, key: tuple) -> _NativePlan:
-        """One term per distinct delta and layer, with every row that carries it: the kernel reads each delta's
-        entries once per step however many rows share it."""
+        """One term per distinct delta, with every row that carries it: the kernel reads each delta's entries
+        once per step however many rows share it. A build stacks the deltas' address tables (~0.1 ms)."""
         self.builds += 1
         rows: dict[int, list[int]] = {}
         deltas: dict[int, SetDelta] = {}
@@ -337,17 +355,26 @@ class GuestRows:
             for d in row_terms:
                 deltas.setdefault(id(d), d)
                 rows.setdefault(id(d), []).append(r)
-        tables: list[torch.Tensor | None] = []
-        for lid in range(len(self.layers)):
-            table = [0]
-            for did, d in deltas.items():
-                part = d.layers.get(lid)
-                if part is not None:
-                    table[0] += 1
-                    table += [part.crow.data_ptr(), part.col16.data_ptr(), part.values.data_ptr(), len(rows[did])]
-                    table += rows[did]
-            tables.append(torch.tensor(table, dtype=torch.int64) if table[0] else None)
-        return _NativePlan(len(key), tables, tuple(deltas.values()))
+        if not deltas:
+            empty = torch.zeros(0, len(self.layers), 4, dtype=torch.int64)
+            return _NativePlan(len(key), empty, torch.zeros(1, dtype=torch.int64), [False] * len(self.layers), ())
+        terms = torch.stack([self._addresses(d) for d in deltas.values()])
+        lists = [rows[i] for i in deltas]
+        offsets = [0]
+        for found in lists:
+            offsets.append(offsets[-1] + len(found))
+        row_table = torch.tensor(offsets + [r for found in lists for r in found], dtype=torch.int64)
+        used = (terms[:, :, 0] != 0).any(0).tolist()
+        return _NativePlan(len(key), terms, row_table, used, tuple(deltas.values()))
+
+    def _addresses(self, delta: SetDelta) -> torch.Tensor:
+        """The delta's array addresses per layer for the native kernel, made once per delta."""
+        if delta.addresses is None:
+            table = [[0, 0, 0, 0] for _ in self.layers]
+            for lid, part in delta.layers.items():
+                table[lid] = [t.data_ptr() for t in part.blocked]
+            delta.addresses = torch.tensor(table, dtype=torch.int64)
+        return delta.addresses
 
     def _set_decode(self, key: tuple, steps: int, runs: list | None = None) -> None:
         """Makes the decode plan of `key` (`runs`: its runs, when the caller has them already)."""
@@ -580,9 +607,8 @@ class GuestRows:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _NativePlan):
-            table = plan.tables[lid]
-            if table is not None:  # one token per row (the kernel checks); fp32 sums, rounded into out's dtype
-                self._kernel.decode(table, x, out)
+            if plan.used[lid]:  # one token per row (the kernel checks); fp32 sums, rounded into out's dtype
+                self._kernel.decode(plan.terms, plan.row_table, lid, x, out)
             return
         if isinstance(plan, _DecodePlan):
             if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass

@@ -12,115 +12,114 @@
 
 namespace {
 
+// Output rows per block. A term's entries are stored block by block, sorted by column within a block, so the
+// loop over a block's entries runs straight through: no per-row loop to mispredict the end of (a 1%-dense row of
+// SmolLM2-135M has ~6 entries), and consecutive entries add into different outputs, so no add waits on the one
+// before. A block's local row fits a byte, and its outputs stay in L1.
+constexpr int64_t kBlock = 64;
+
 struct Term {
-    const int32_t* crow;  // [n_out + 1]
-    const uint16_t* col;  // [nnz], columns of the layer's input
-    const float* val;     // [nnz]
-    std::vector<int64_t> rows;
+    const int32_t* start;  // [blocks + 1]: where each block's entries begin
+    const uint8_t* row;    // [nnz]: the output row within the block
+    const uint16_t* col;   // [nnz]: the input column
+    const float* val;      // [nnz]
+    const int64_t* rows;   // the m batch rows it applies to
+    int64_t m;
 };
 
-// M rows of one term at once: each entry is loaded once and used M times.
+// M batch rows of one term in block b: each entry is loaded once and used M times.
 template <int M>
-void rows_block(const Term& t, const int64_t* rows, const float* x, float* out, int64_t n_in, int64_t n_out,
-                int64_t i0, int64_t i1) {
+void block_rows(const Term& t, const int64_t* rows, const float* x, float* out, int64_t n_in, int64_t n_out,
+                int64_t b) {
     const float* xs[M];
     float* os[M];
     for (int j = 0; j < M; j++) {
         xs[j] = x + rows[j] * n_in;
-        os[j] = out + rows[j] * n_out;
+        os[j] = out + rows[j] * n_out + b * kBlock;
     }
-    for (int64_t i = i0; i < i1; i++) {
-        float acc[M] = {0};
-        for (int32_t k = t.crow[i]; k < t.crow[i + 1]; k++) {
-            const float v = t.val[k];
-            const uint16_t c = t.col[k];
-            for (int j = 0; j < M; j++) acc[j] += v * xs[j][c];
-        }
-        for (int j = 0; j < M; j++) os[j][i] += acc[j];
+    const int32_t end = t.start[b + 1];
+    for (int32_t k = t.start[b]; k < end; k++) {
+        const float v = t.val[k];
+        const uint16_t c = t.col[k];
+        const uint8_t r = t.row[k];
+        for (int j = 0; j < M; j++) os[j][r] += v * xs[j][c];
     }
 }
 
-// One row: two accumulators, so consecutive entries do not wait on each other's add.
-void rows_one(const Term& t, int64_t row, const float* x, float* out, int64_t n_in, int64_t n_out, int64_t i0,
-              int64_t i1) {
-    const float* xr = x + row * n_in;
-    float* o = out + row * n_out;
-    for (int64_t i = i0; i < i1; i++) {
-        int32_t k = t.crow[i];
-        const int32_t end = t.crow[i + 1];
-        float a0 = 0.f, a1 = 0.f;
-        for (; k + 1 < end; k += 2) {
-            a0 += t.val[k] * xr[t.col[k]];
-            a1 += t.val[k + 1] * xr[t.col[k + 1]];
-        }
-        if (k < end) a0 += t.val[k] * xr[t.col[k]];
-        o[i] += a0 + a1;
-    }
-}
-
-void apply_term(const Term& t, const float* x, float* out, int64_t n_in, int64_t n_out, int64_t i0, int64_t i1) {
-    const int64_t* rows = t.rows.data();
-    int64_t left = static_cast<int64_t>(t.rows.size());
-    for (; left >= 8; left -= 8, rows += 8) rows_block<8>(t, rows, x, out, n_in, n_out, i0, i1);
+void apply_term(const Term& t, const float* x, float* out, int64_t n_in, int64_t n_out, int64_t b) {
+    const int64_t* rows = t.rows;
+    int64_t left = t.m;
+    for (; left >= 8; left -= 8, rows += 8) block_rows<8>(t, rows, x, out, n_in, n_out, b);
     if (left >= 4) {
-        rows_block<4>(t, rows, x, out, n_in, n_out, i0, i1);
+        block_rows<4>(t, rows, x, out, n_in, n_out, b);
         left -= 4;
         rows += 4;
     }
-    if (left == 3) rows_block<3>(t, rows, x, out, n_in, n_out, i0, i1);
-    if (left == 2) rows_block<2>(t, rows, x, out, n_in, n_out, i0, i1);
-    if (left == 1) rows_one(t, rows[0], x, out, n_in, n_out, i0, i1);
+    if (left == 3) block_rows<3>(t, rows, x, out, n_in, n_out, b);
+    if (left == 2) block_rows<2>(t, rows, x, out, n_in, n_out, b);
+    if (left == 1) block_rows<1>(t, rows, x, out, n_in, n_out, b);
+}
+
+// The terms of one layer from a plan: terms [k, layers, 4] holds, per distinct delta and layer, the addresses of
+// its start, row, col and values arrays (0: no entries in that layer; the caller keeps the tensors alive); rows
+// holds k + 1 offsets into its tail, then each delta's row indices.
+std::vector<Term> layer_terms(const torch::Tensor& terms, const torch::Tensor& rows, int64_t layer, int64_t n_rows) {
+    TORCH_CHECK(terms.dtype() == torch::kInt64 && terms.is_contiguous() && terms.dim() == 3 && terms.size(2) == 4,
+                "terms: contiguous int64 [deltas, layers, 4]");
+    TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.is_contiguous() && rows.dim() == 1, "rows: contiguous int64");
+    const int64_t k = terms.size(0);
+    TORCH_CHECK(layer >= 0 && layer < terms.size(1), "layer ", layer, " is outside the plan's ", terms.size(1));
+    TORCH_CHECK(rows.numel() >= k + 1, "rows: ", k + 1, " offsets needed, got ", rows.numel());
+    const int64_t* offsets = rows.data_ptr<int64_t>();
+    const int64_t* indices = offsets + k + 1;
+    const int64_t n_indices = rows.numel() - k - 1;
+    const int64_t* addr = terms.data_ptr<int64_t>() + layer * 4;
+    std::vector<Term> out;
+    for (int64_t q = 0; q < k; q++, addr += terms.size(1) * 4) {
+        const int64_t lo = offsets[q], hi = offsets[q + 1];
+        TORCH_CHECK(0 <= lo && lo <= hi && hi <= n_indices, "rows: offsets ", lo, "..", hi, " out of order");
+        if (addr[0] == 0 || lo == hi) continue;
+        for (int64_t j = lo; j < hi; j++)
+            TORCH_CHECK(indices[j] >= 0 && indices[j] < n_rows, "row ", indices[j], " is outside the batch of ", n_rows);
+        out.push_back(Term{reinterpret_cast<const int32_t*>(addr[0]), reinterpret_cast<const uint8_t*>(addr[1]),
+                           reinterpret_cast<const uint16_t*>(addr[2]), reinterpret_cast<const float*>(addr[3]),
+                           indices + lo, hi - lo});
+    }
+    return out;
+}
+
+void run_terms(const std::vector<Term>& terms, const float* xp, float* op, int64_t n_in, int64_t n_out) {
+    pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
+    at::parallel_for(0, (n_out + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
+        for (const Term& t : terms)  // a term's blocks in turn: one long run through its arrays
+            for (int64_t b = b0; b < b1; b++) apply_term(t, xp, op, n_in, n_out, b);
+    });
 }
 
 }  // namespace
 
-// Parses the table and runs it over x [rows, n_in] into out [rows, n_out], both fp32 and contiguous.
-void run_table(const torch::Tensor& table, const torch::Tensor& x, torch::Tensor& out) {
-    const int64_t* p = table.data_ptr<int64_t>();
-    const int64_t* end = p + table.numel();
-    const int64_t n_rows = x.size(0), n_in = x.size(1), n_out = out.size(1);
-    std::vector<Term> terms(table.numel() ? *p++ : 0);
-    for (Term& t : terms) {
-        TORCH_CHECK(p + 4 <= end, "table ends inside a term");
-        t.crow = reinterpret_cast<const int32_t*>(p[0]);
-        t.col = reinterpret_cast<const uint16_t*>(p[1]);
-        t.val = reinterpret_cast<const float*>(p[2]);
-        const int64_t m = p[3];
-        p += 4;
-        TORCH_CHECK(m >= 0 && p + m <= end, "table ends inside a term's rows");
-        for (int64_t j = 0; j < m; j++) {
-            TORCH_CHECK(p[j] >= 0 && p[j] < n_rows, "row ", p[j], " is outside the batch of ", n_rows);
-            t.rows.push_back(p[j]);
-        }
-        p += m;
-    }
-    const float* xp = x.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
-    at::parallel_for(0, n_out, 64, [&](int64_t i0, int64_t i1) {
-        for (const Term& t : terms) apply_term(t, xp, op, n_in, n_out, i0, i1);
-    });
-}
-
-// table (int64): n_terms, then per term: crow, col, val (addresses of tensors the caller keeps alive), the number
-// of rows m, then m row indices. x: [rows, 1, n_in] or [rows, n_in] (one token per row), out likewise with n_out;
-// sums run in fp32 and are rounded into out's dtype.
-void decode(const torch::Tensor& table, const torch::Tensor& x, torch::Tensor& out) {
-    TORCH_CHECK(table.dtype() == torch::kInt64 && table.is_contiguous(), "table: contiguous int64");
-    const int64_t rows = x.size(0), n_in = x.size(-1), n_out = out.size(-1);
-    TORCH_CHECK(x.numel() == rows * n_in && out.numel() == rows * n_out && out.size(0) == rows,
+// One layer of a decode plan (see layer_terms) over x: [rows, 1, n_in] or [rows, n_in] (one token per row) into
+// out likewise with n_out; sums run in fp32 and are rounded into out's dtype.
+void decode(const torch::Tensor& terms, const torch::Tensor& rows, int64_t layer, const torch::Tensor& x,
+            torch::Tensor& out) {
+    const int64_t n_rows = x.size(0), n_in = x.size(-1), n_out = out.size(-1);
+    TORCH_CHECK(x.numel() == n_rows * n_in && out.numel() == n_rows * n_out && out.size(0) == n_rows,
                 "a decode plan corrects one token per row; got inputs ", x.sizes(), " and outputs ", out.sizes());
-    const torch::Tensor xs = x.reshape({rows, n_in}).to(torch::kFloat32).contiguous();
-    if (out.dtype() == torch::kFloat32 && out.is_contiguous()) {
-        torch::Tensor ys = out.view({rows, n_out});
-        run_table(table, xs, ys);
+    const std::vector<Term> found = layer_terms(terms, rows, layer, n_rows);
+    if (found.empty()) return;
+    const bool fp32_in = x.dtype() == torch::kFloat32 && x.is_contiguous();
+    const bool fp32_out = out.dtype() == torch::kFloat32 && out.is_contiguous();
+    if (fp32_in && fp32_out) {  // the common case: no tensor made (~1 us each, 210 layers a step)
+        run_terms(found, x.data_ptr<float>(), out.data_ptr<float>(), n_in, n_out);
         return;
     }
-    torch::Tensor ys = torch::zeros({rows, n_out}, xs.options());
-    run_table(table, xs, ys);
-    out.add_(ys.view(out.sizes()));
+    const torch::Tensor xs = fp32_in ? x : x.to(torch::kFloat32).contiguous();
+    torch::Tensor ys = fp32_out ? out : torch::zeros(out.sizes(), xs.options());
+    run_terms(found, xs.data_ptr<float>(), ys.data_ptr<float>(), n_in, n_out);
+    if (!fp32_out) out.add_(ys);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-    m.def("decode", &decode, "out[r] += delta @ x[r] for each term's rows (see guest_decode.cpp)");
+    m.def("decode", &decode, "out[r] += delta @ x[r] for each delta of the plan and its rows, in one layer");
+    m.attr("block") = kBlock;
 }

@@ -36,7 +36,7 @@ def test_without_the_kernel_guest_rows_run_pytorchs_products(tiny_llama, monkeyp
     assert not guests.native
     plan = switcher.prepare([(adapter(model, "a", 1), 1.0)])
     delta = guests.delta(plan)
-    assert all(d.col16 is None for d in delta.layers.values())
+    assert all(d.blocked is None for d in delta.layers.values())  # no copy in the kernel's layout
     decode = guests.decode_plan([(delta,), ()])
     assert decode.segments and decode.nbytes > 0  # a block-diagonal copy
     ids = torch.randint(0, 64, (2, 1), generator=torch.Generator().manual_seed(2))
