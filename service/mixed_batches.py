@@ -39,10 +39,10 @@ DEPTH2_ENTRY_COST = 1.35
 # the same day, and both scale with memory speed).
 SWITCH_ENTRY_COST = 4
 # With the native kernel (shira_core.guest_kernel) a delta's entries are read once per step for all the m rows
-# that carry it: about nnz * (NATIVE_TERM_READ + m) units of ~0.35 ns (0.8-1.0 ns per entry for one row, 0.34-0.46
-# per entry and row for eight; 2-core CPU). A switch writes an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
-NATIVE_TERM_READ = 1.5
-NATIVE_SWITCH_ENTRY_COST = 40
+# that carry it: about nnz * (NATIVE_TERM_READ + m) units of ~0.55 ns (~1.0 ns per entry for one row, ~0.6 per
+# entry and row for eight; 2-core CPU, hot). A switch writes an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
+NATIVE_TERM_READ = 0.8
+NATIVE_SWITCH_ENTRY_COST = 27
 
 
 class MixedBatches:

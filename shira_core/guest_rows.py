@@ -24,7 +24,7 @@ one sparse matrix-matrix product.
 
 On the CPU, decode steps run on the native kernel (shira_core.guest_kernel) where it builds: its plan lists each
 distinct delta (its arrays' addresses per layer) and the rows carrying it, so it copies nothing, and
-each delta's entries are read once per step for all its rows. Segments then serve prefills of several runs only.
+each delta's entries are read once per step for all its rows; prefills run on it too, eight tokens to a vector.
 """
 
 from __future__ import annotations
@@ -520,12 +520,17 @@ class GuestRows:
         return _Segment(rows, depth, matrices, nbytes)
 
     def prefill_plan(self, terms: Sequence[Sequence[SetDelta]], running: Sequence[Sequence[SetDelta]] = (),
-                     steps: int = 1) -> _DecodePlan | _PrefillPlan:
+                     steps: int = 1) -> _DecodePlan | _NativePlan | _PrefillPlan:
         """The plan for a prefill pass over len(terms) rows of any number of tokens each, which then join the
         `running` rows (their terms) for about `steps` decode steps.
 
-        Consecutive rows with the same delta form one run. A single run is one sparse product over all its
-        tokens, read and written in place. Several runs share the decode plan's block-diagonal matrices instead:
+        On the native kernel, the same kind of plan as a decode step's (each distinct delta with its rows): the
+        kernel runs eight tokens at a time as the lanes of one vector multiply-add per entry, so a prefill costs
+        no segment and no copy (SmolLM2-135M, 45 tokens, 2-core CPU: one row +10.9 ms against +28.5 for the
+        products below, two rows of two sets +20.0 against +30.5).
+
+        Without it, consecutive rows with the same delta form one run. A single run is one sparse product over all
+        its tokens, read and written in place. Several runs share the decode plan's block-diagonal matrices instead:
         one product per layer for all rows and tokens, at the price of a copy of the inputs and a strided add
         (8 rows of 5 sets, 45 tokens each: +89 ms over a 487 ms prefill, against +145 ms with a product per
         run). The decode step that follows asks for the plan of the running rows and these, so it is built here:
@@ -533,7 +538,9 @@ class GuestRows:
         prefilled with a part cut from it), else a segment for the new rows that the running ones' segments join.
         """
         key = tuple(tuple(t) for t in terms)
-        if any(running) and self._kernel is None:  # native decode plans build nothing, so never merge
+        if self._kernel is not None:  # the kernel runs prefills too: no segment, no copy
+            return self._native_plan(key)
+        if any(running):
             batch = tuple(tuple(t) for t in running) + key
             runs = self._runs(batch)
             if len(runs) > MAX_SEGMENTS or self._merge_pays(runs, steps):
@@ -550,8 +557,6 @@ class GuestRows:
                 run[1] = r + 1
                 reaching[id(d)] = run
             open_runs = reaching
-        if len(runs) > 1 and self._kernel is not None:  # a segment for the prefill only (dropped at the next plan)
-            return _DecodePlan(len(key), tuple(self._whole(key)))
         if len(runs) > 1:  # one segment for these rows, kept (with the running batch's) for the next step
             self._decode, self._decode_key = _DecodePlan(len(key), tuple(self._whole(key))), key
             return self._decode
@@ -607,8 +612,8 @@ class GuestRows:
         if x.shape[0] != plan.rows:
             raise RuntimeError(f"guest plan is for {plan.rows} rows, the forward pass has {x.shape[0]}")
         if isinstance(plan, _NativePlan):
-            if plan.used[lid]:  # one token per row (the kernel checks); fp32 sums, rounded into out's dtype
-                self._kernel.decode(plan.terms, plan.row_table, lid, x, out)
+            if plan.used[lid]:  # fp32 sums, rounded into out's dtype
+                self._kernel.correct(plan.terms, plan.row_table, lid, x, out)
             return
         if isinstance(plan, _DecodePlan):
             if x.dim() == 3 and x.shape[1] > 1:  # a prefill pass

@@ -114,18 +114,41 @@ def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, host):
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
-@pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
-def test_native_plans_prefill_joiners_on_a_segment_of_their_own(bound):
-    model, switcher, guests, plans, _ = bound
-    a, b, c = (guests.delta(p) for p in plans[:3])
-    ids = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(10))
-    plan = guests.prefill_plan([(c,), (a,), ()], running=[(b,)], steps=30)
-    assert plan.rows == 3 and len(plan.segments) == 1  # several runs: the joiners' own block-diagonal segment
-    with guests.active(plan):
-        got = logits(model, ids)
-    torch.testing.assert_close(got, isolated(model, switcher, plans, [2, 0, None], ids), rtol=1e-4, atol=1e-4)
-    guests.decode_plan([(b,), (c,), (a,), ()])
-    assert guests._segments == {}  # the decode steps run native: the prefill's segment is let go
+@pytest.mark.parametrize("host", [None, 1])
+def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_llama, host):
+    # hidden 96: outputs of 48 to 192 features, so one to three blocks of 64 rows and partial ones; 11 tokens a
+    # row: lanes of eight that span rows and end short.
+    model = tiny_llama(seed=5, vocab=64, hidden=96)
+    snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    switcher = Switcher(model)
+    guests = GuestRows(model, switcher, native=True)
+    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
+    sets = [2, 0, None, 2, 1, 0]
+    ids = torch.randint(0, 64, (len(sets), 11), generator=torch.Generator().manual_seed(10))
+    expected = isolated(model, switcher, plans, sets, ids)
+    expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
+    if host is not None:
+        switcher.apply(plans[host])
+    deltas = [guests.delta(p) for p in plans]
+    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
+    terms = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+    builds = guests.builds
+    prefill = guests.prefill_plan(terms[3:], running=terms[:3], steps=30)
+    assert prefill.nbytes == 0 and guests._segments == {}  # no block-diagonal copy for the prefill either
+    with guests.active(prefill):
+        got = logits(model, ids[3:])
+    with guests.active(guests.prefill_plan(terms)):
+        got_all = logits(model, ids)
+    with guests.active(guests.decode_plan(terms)):
+        got_last = logits(model, ids[:, -1:])
+    switcher.revert()
+    guests.close()
+    assert guests.builds == builds + 3
+    torch.testing.assert_close(got, expected[3:], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_all, expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_last, expected_last, rtol=1e-4, atol=1e-4)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
 def test_the_native_kernel_corrects_a_bf16_model_in_fp32(tiny_llama):
@@ -295,11 +318,16 @@ def test_a_plan_for_another_row_count_is_refused(bound):
 
 
 @pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
-def test_a_native_decode_plan_refuses_a_pass_of_several_tokens_per_row(bound):
-    model, _, guests, plans, _ = bound
+def test_the_native_kernel_refuses_shapes_and_rows_that_do_not_fit(bound):
+    _, _, guests, plans, _ = bound
     plan = guests.decode_plan([(guests.delta(plans[1]),), ()])
-    with guests.active(plan), pytest.raises(RuntimeError, match="one token per row"):
-        logits(model, torch.zeros(2, 3, dtype=torch.long))
+    kernel, n_in, n_out = guests._kernel, guests.layers[0].in_features, guests.layers[0].out_features
+    with pytest.raises(RuntimeError, match="do not match"):  # tokens in the input, none in the output
+        kernel.correct(plan.terms, plan.row_table, 0, torch.zeros(2, 3, n_in), torch.zeros(2, n_out))
+    with pytest.raises(RuntimeError, match="outside the batch of 1"):  # the plan's row 0 and 1 on a batch of 1
+        kernel.correct(plan.terms, torch.tensor([0, 1, 1]), 0, torch.zeros(1, n_in), torch.zeros(1, n_out))
+    with pytest.raises(RuntimeError, match="outside the plan"):
+        kernel.correct(plan.terms, plan.row_table, len(guests.layers), torch.zeros(2, n_in), torch.zeros(2, n_out))
 
 
 def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
