@@ -63,6 +63,7 @@ void apply_term(const Term& t, const float* x, float* out, int64_t n_in, int64_t
 }
 
 typedef float v8 __attribute__((vector_size(32)));
+typedef int32_t i8v __attribute__((vector_size(32)));
 
 // Eight token rows (lanes) of a term in block b, from their inputs transposed (xt[c * 8 + lane]): one vector
 // multiply-add per entry for all eight, where block_rows costs a scalar one per entry and row.
@@ -75,10 +76,38 @@ void block_lanes(const Term& t, const float* xt, float* const* outs, int lanes, 
         std::memcpy(&xv, xt + 8 * static_cast<int64_t>(t.col[k]), sizeof xv);
         acc[t.row[k]] += t.val[k] * xv;
     }
+    // acc is [row][lane]; the outputs are [lane][row]: transpose eight rows at a time (three rounds of shuffles)
+    // and add whole vectors, where a scalar add per output costs more than the entries themselves.
     const int64_t n = std::min(kBlock, n_out - b * kBlock);
-    for (int j = 0; j < lanes; j++) {
-        float* o = outs[j] + b * kBlock;
-        for (int64_t r = 0; r < n; r++) o[r] += acc[r][j];
+    for (int64_t r0 = 0; r0 < n; r0 += 8) {
+        const v8* a = acc + r0;
+        v8 t[8], u[8], o[8];
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = __builtin_shuffle(a[i], a[i + 1], i8v{0, 8, 1, 9, 4, 12, 5, 13});
+            t[i + 1] = __builtin_shuffle(a[i], a[i + 1], i8v{2, 10, 3, 11, 6, 14, 7, 15});
+        }
+        for (int i = 0; i < 8; i += 4) {
+            u[i] = __builtin_shuffle(t[i], t[i + 2], i8v{0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 1] = __builtin_shuffle(t[i], t[i + 2], i8v{2, 3, 10, 11, 6, 7, 14, 15});
+            u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{0, 1, 8, 9, 4, 5, 12, 13});
+            u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{2, 3, 10, 11, 6, 7, 14, 15});
+        }
+        for (int j = 0; j < 4; j++) {
+            o[j] = __builtin_shuffle(u[j], u[j + 4], i8v{0, 1, 2, 3, 8, 9, 10, 11});
+            o[j + 4] = __builtin_shuffle(u[j], u[j + 4], i8v{4, 5, 6, 7, 12, 13, 14, 15});
+        }
+        const int64_t width = std::min<int64_t>(8, n - r0);
+        for (int j = 0; j < lanes; j++) {
+            float* dst = outs[j] + b * kBlock + r0;
+            if (width == 8) {
+                v8 d;
+                std::memcpy(&d, dst, sizeof d);
+                d += o[j];
+                std::memcpy(dst, &d, sizeof d);
+            } else {
+                for (int64_t r = 0; r < width; r++) dst[r] += o[j][r];
+            }
+        }
     }
 }
 
