@@ -58,6 +58,15 @@ def isolated(model, switcher, plans, sets: list[int | None], ids: torch.Tensor) 
     return torch.stack(out)
 
 
+def hosted_terms(guests, switcher, plans, sets: list[int | None], host: int | None) -> list[tuple]:
+    """Applies the host's set (None: the base) and gives each row d_S - d_H: its own delta and the host's, negated."""
+    if host is not None:
+        switcher.apply(plans[host])
+    deltas = [guests.delta(p) for p in plans]
+    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
+    return [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+
+
 @pytest.mark.parametrize("bound", [False, True], indirect=True, ids=["torch", "native"])
 @pytest.mark.parametrize("host", [None, 0, 3])
 def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
@@ -66,12 +75,7 @@ def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
     ids = torch.randint(0, 64, (len(sets), 6), generator=torch.Generator().manual_seed(1))
     expected = isolated(model, switcher, plans, sets, ids)
     expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
-    if host is not None:
-        switcher.apply(plans[host])
-    # A row of set S under host H needs d_S - d_H: its own delta plus the host's, negated.
-    deltas = [guests.delta(p) for p in plans]
-    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
-    row_deltas = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+    row_deltas = hosted_terms(guests, switcher, plans, sets, host)
 
     with guests.active(guests.prefill_plan(row_deltas)):
         mixed = logits(model, ids)  # many tokens per row: the prefill plan
@@ -127,11 +131,7 @@ def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_lla
     ids = torch.randint(0, 64, (len(sets), 11), generator=torch.Generator().manual_seed(10))
     expected = isolated(model, switcher, plans, sets, ids)
     expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
-    if host is not None:
-        switcher.apply(plans[host])
-    deltas = [guests.delta(p) for p in plans]
-    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
-    terms = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+    terms = hosted_terms(guests, switcher, plans, sets, host)
     builds = guests.builds
     prefill = guests.prefill_plan(terms[3:], running=terms[:3], steps=30)
     assert prefill.nbytes == 0 and guests._segments == {}  # no block-diagonal copy for the prefill either
