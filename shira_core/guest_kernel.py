@@ -30,7 +30,8 @@ SOURCE = Path(__file__).parent / "csrc" / "guest_decode.cpp"
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernel module (its `decode(table, x, out)`), or None where it cannot be built here."""
+    """The compiled kernel module (its `correct(terms, rows, layer, x, out)` and `block`), or None where it
+    cannot be built here."""
     bindir = str(Path(sys.executable).parent)  # a venv's ninja, when the venv is not activated
     if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
         os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")

@@ -64,7 +64,7 @@ class _LayerDelta:
     values: torch.Tensor  # GuestRows.dtype [nnz]: adapted - original
     matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
-    # For the native decode kernel: the entries block by block of output rows, by column within a block (start
+    # For the native kernel: the entries block by block of output rows, by column within a block (start
     # int32 [blocks + 1], the row within the block uint8, the column as uint16 bits in int16, the value).
     blocked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
@@ -76,7 +76,7 @@ class SetDelta:
     label: str
     layers: dict[int, _LayerDelta]
     nnz: int
-    addresses: torch.Tensor | None = None  # int64 [layers, 3] for the native kernel, built at its first plan
+    addresses: torch.Tensor | None = None  # int64 [layers, 4] for the native kernel, built at its first plan
 
     @property
     def nbytes(self) -> int:
@@ -324,9 +324,9 @@ class GuestRows:
     def decode_plan(self, terms: Sequence[Sequence[SetDelta]], steps: int = 1) -> _DecodePlan | _NativePlan:
         """The plan for decode steps: row r is corrected by the sum of the deltas in terms[r] (empty: none).
 
-        On the native kernel, each distinct delta and the rows carrying it (no copy). Else
-        runs of rows held by a segment built earlier (by a prefill, or for an earlier step; a run may be a part
-        of one) reuse it; the rest get new segments. One segment is built for all rows instead when the plan
+        On the native kernel, each distinct delta and the rows carrying it (no copy). Else runs of rows held by a
+        segment built earlier (by a prefill, or for an earlier step; a run may be a part of one) reuse it; the
+        rest get new segments. One segment is built for all rows instead when the plan
         would have more than MAX_SEGMENTS, or when the extra segments' products over `steps` decode steps would
         cost more than rebuilding the reused rows. Segments this plan does not use are dropped. Asking again with
         the same deltas in the same order returns the same plan.

@@ -120,8 +120,8 @@ void run_tokens(const Term& t, const float* x, float* out, int64_t tokens, int64
         std::vector<float> xt(n_in * 8);
         float* outs[8];
         for (int64_t chunk = c0; chunk < c1; chunk++) {
+            // A short last chunk keeps the previous chunk's inputs in its spare lanes: computed, never added.
             const int lanes = static_cast<int>(std::min<int64_t>(8, m - chunk * 8));
-            std::fill(xt.begin(), xt.end(), 0.f);
             for (int j = 0; j < lanes; j++) {
                 const int64_t flat = chunk * 8 + j;  // the term's token rows: its batch rows' tokens in turn
                 const int64_t row = t.rows[flat / tokens] * tokens + flat % tokens;
