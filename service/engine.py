@@ -180,11 +180,15 @@ class Engine:
 
     async def resolve(self, adapters: AdapterSet) -> AdapterSet:
         """Pins every adapter to a version (the latest when none is given); AdapterNotFoundError otherwise."""
-        return (await self._resolve(adapters)).pinned
+        return (await self.resolve_set(adapters)).pinned
 
-    async def _resolve(self, adapters: AdapterSet) -> ResolvedSet:
+    async def resolve_set(self, adapters: AdapterSet) -> ResolvedSet:
+        """The set with its registry records; hand it to the request (`resolved`) so it is read only once."""
         self._check_set(adapters)
-        records = await asyncio.gather(*(asyncio.to_thread(self._record, r.name, r.version) for r in adapters.refs))
+        if adapters.is_base:
+            return resolved_set(adapters, [])
+        # One thread for all the set's reads: each wake-up of a thread preempts a decoding torch thread.
+        records = await asyncio.to_thread(lambda: [self._record(r.name, r.version) for r in adapters.refs])
         return resolved_set(adapters, records)
 
     def _record(self, name: str, version: int | None) -> Any:
@@ -241,7 +245,9 @@ class Engine:
         if not self.ready():
             raise EngineUnavailableError("the engine is not running (starting or stopped); retry in a moment")
         self._check_request(request)
-        rset = await self._resolve(request.adapters)
+        rset = request.resolved
+        if rset is None or rset.pinned != request.adapters:
+            rset = await self.resolve_set(request.adapters)
         # Decode missing adapters off the worker thread, so the worker never waits on Redis; on a thread that
         # exits afterwards, so no second OpenMP pool outlives it (see service.torch_thread). Hits need no thread.
         missing = [rec for rec, _ in rset.items if not self.cache.touch_adapter(rec)]

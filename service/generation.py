@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import InvalidRequestError
 
@@ -65,6 +66,7 @@ class GenerationRequest:
     prompt_ids: list[int]
     params: SamplingParams
     adapters: AdapterSet = field(default_factory=AdapterSet)
+    resolved: Any = None  # Engine.resolve_set(adapters) when the caller has it: saves a second registry read
 
 
 @dataclass

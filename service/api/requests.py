@@ -133,6 +133,6 @@ def metric_label(adapters: AdapterSet) -> str:
 async def prepare(engine: Any, prompt_ids: list[int], params: SamplingParams, adapters: AdapterSet,
                   state: Any) -> GenerationRequest:
     """Resolves the set (unknown adapter -> 404, never the base model instead) and labels the request metric."""
-    resolved = await engine.resolve(adapters)
-    state.adapter_label = metric_label(resolved)
-    return GenerationRequest(prompt_ids=prompt_ids, params=params, adapters=resolved)
+    resolved = await engine.resolve_set(adapters)
+    state.adapter_label = metric_label(resolved.pinned)
+    return GenerationRequest(prompt_ids=prompt_ids, params=params, adapters=resolved.pinned, resolved=resolved)

@@ -8,11 +8,11 @@ Engine (tests/integration).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from collections.abc import AsyncIterator
 
 import torch
 
+from service.engine_worker import ResolvedSet, resolved_set
 from service.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError, MalformedUploadError
 from service.generation import AdapterSet, GenerationRequest, GenerationResult, Timings
 from shira_core.delta import SparseAdapter, SparseDelta
@@ -64,15 +64,14 @@ class EchoEngine:
         except ShiraError as e:
             raise InvalidAdapterError(str(e)) from e
 
-    async def resolve(self, adapters: AdapterSet) -> AdapterSet:
-        refs = []
+    async def resolve_set(self, adapters: AdapterSet) -> ResolvedSet:
+        records = []
         for ref in adapters.refs:
             try:
-                record = await asyncio.to_thread(self.registry.record, ref.name, ref.version)
+                records.append(await asyncio.to_thread(self.registry.record, ref.name, ref.version))
             except AdapterNotFoundError:
                 raise AdapterNotFoundError(f"adapter {ref.name!r} not found") from None
-            refs.append(dataclasses.replace(ref, version=record.version))
-        return AdapterSet(tuple(refs), adapters.merge)
+        return resolved_set(adapters, records)
 
     def _pieces(self, request: GenerationRequest) -> list[str]:
         words = [request.adapters.label(), "|", str(len(request.prompt_ids))]
