@@ -30,19 +30,6 @@ BASE_KEY: tuple = ()
 # per dense weight and row; on a day the VM ran 2x slower, 4 and 0.26 ns). A set whose delta would cost more
 # than one dense forward pass per step runs in a batch of its own.
 GUEST_ENTRY_COST = 20
-# With a host other than the base, every guest row carries two deltas (its own and the host's negated) and the
-# step runs a product, a sum over the two and an add instead of one fused product: ~1.35x the time per entry
-# (8 rows, SmolLM2-135M, 2-core CPU: base host 8.4M entries in 10.9 ms, set host 10.6M entries in 18.7 ms).
-DEPTH2_ENTRY_COST = 1.35
-# Writing one weight entry when switching the host costs about this many entry-steps of guest correction
-# (switch: 15-17 ms per 1.06M entries; guest correction: ~4 ms per 1.06M entries per decode step; both measured
-# the same day, and both scale with memory speed).
-SWITCH_ENTRY_COST = 4
-# With the native kernel (shira_core.guest_kernel) a delta's entries are read once per step for all the m rows
-# that carry it: about nnz * (NATIVE_TERM_READ + m) units of ~0.55 ns (~1.0 ns per entry for one row, ~0.6 per
-# entry and row for eight; 2-core CPU, hot). A switch writes an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
-NATIVE_TERM_READ = 0.8
-NATIVE_SWITCH_ENTRY_COST = 27
 
 
 class MixedBatches:
@@ -139,14 +126,8 @@ class MixedBatches:
         def cost(host: Hashable) -> float:
             host_nnz = nnz.get(host, active_nnz if host == active else 0)
             written = 0 if host == active else active_nnz + host_nnz
-            if self.guests.native:  # one term per guest set, and the host's negated delta for every guest row
-                guest_rows = sum(n for k, n in counts.items() if k != host)
-                step = sum(nnz[k] * (NATIVE_TERM_READ + n) for k, n in counts.items() if k != host)
-                step += host_nnz * (NATIVE_TERM_READ + guest_rows)
-                return horizon * step + NATIVE_SWITCH_ENTRY_COST * written
-            step = sum(n * (nnz[k] + host_nnz) for k, n in counts.items() if k != host)
-            step *= 1 if host == BASE_KEY else DEPTH2_ENTRY_COST
-            return horizon * step + SWITCH_ENTRY_COST * written
+            guests = [(nnz[k], n) for k, n in counts.items() if k != host]
+            return horizon * self.guests.step_cost(guests, host_nnz) + self.guests.switch_cost(written)
 
         candidates = self._hosts(counts)
         within = {h for h in candidates if self._plan_bytes(counts, h) <= self.plan_bytes}

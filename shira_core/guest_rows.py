@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from . import guest_kernel
+from . import guest_cost, guest_kernel
 from .errors import ShiraError
 from .switcher import Switcher, SwitchPlan
 
@@ -344,6 +344,14 @@ class GuestRows:
     def native(self) -> bool:
         """Whether decode plans run on the native kernel (and copy no deltas)."""
         return self._kernel is not None
+
+    def step_cost(self, guests: Sequence[tuple[int, int]], host_nnz: int) -> float:
+        """One decode step's corrections on this way of correcting: see shira_core.guest_cost."""
+        return guest_cost.step_cost(self.native, guests, host_nnz)
+
+    def switch_cost(self, entries: int) -> float:
+        """Writing `entries` weight entries, in step_cost's units."""
+        return guest_cost.switch_cost(self.native, entries)
 
     def _native_plan(self, key: tuple) -> _NativePlan:
         """One term per distinct delta, with every row that carries it: the kernel reads each delta's entries

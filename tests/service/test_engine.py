@@ -129,6 +129,36 @@ def test_deleted_and_unknown_adapters_are_refused_never_served_as_base(tiny, reg
     assert not any("a1" in str(k) for k in tiny.cache.lru_keys())
 
 
+def test_a_request_handed_its_resolved_set_reads_no_record_again(tiny, monkeypatch):
+    # Each registry read wakes a thread, and on a small CPU that thread preempts a decoding torch thread.
+    ids = tiny.encode(prompt="Hello")
+    params = SamplingParams(max_new_tokens=4)
+    reads = []
+    record = tiny.registry.record
+    monkeypatch.setattr(tiny.registry, "record", lambda name, version=None: reads.append((name, version))
+                        or record(name, version))
+
+    async def run():
+        rset = await tiny.resolve_set(AdapterSet((AdapterRef("a1"), AdapterRef("a2", None, 0.5))))
+        await tiny.generate(GenerationRequest(ids, params, rset.pinned, resolved=rset))  # loads the adapters
+        reads.clear()
+        handed = await tiny.generate(GenerationRequest(ids, params, rset.pinned, resolved=rset))
+        handed_reads = list(reads)
+        reads.clear()
+        plain = await tiny.generate(GenerationRequest(ids, params, rset.pinned))
+        plain_reads = list(reads)
+        reads.clear()
+        # A resolved set that is not the request's own is ignored, never served in its place.
+        other = await tiny.generate(GenerationRequest(ids, params, AdapterSet((AdapterRef("a3"),)), resolved=rset))
+        return handed, handed_reads, plain, plain_reads, other, list(reads)
+
+    handed, handed_reads, plain, plain_reads, other, other_reads = asyncio.run(run())
+    assert handed_reads == []
+    assert plain_reads == [("a1", 1), ("a2", 1)]
+    assert handed.text == plain.text and handed.adapters == plain.adapters
+    assert other_reads[0] == ("a3", None) and other.adapters == [{"name": "a3", "version": 1, "weight": 1.0}]
+
+
 def test_cached_adapters_keep_working_while_redis_is_down(tiny):
     ids = tiny.encode(prompt="Hello")
 
