@@ -269,7 +269,7 @@ class Worker(threading.Thread):
 
         def build_negated() -> tuple[SetDelta, int]:
             negated = delta.negated()  # shares the index arrays with `delta`; only the values are new
-            return negated, sum(d.values.numel() * d.values.element_size() for d in negated.layers.values())
+            return negated, negated.value_bytes
 
         return self.cache.get(("guest", key, True), build_negated, names=rset.names)
 

@@ -89,9 +89,8 @@ class MixedBatches:
 
     def _plan_bytes(self, counts: Counter, host: Hashable) -> int:
         """An upper bound on the decode plan's bytes for rows of these sets under this host: each guest row's
-        entries (its own delta's, and the host's negated), and row pointers for every row at the plan's depth."""
-        if self.guests.native:  # native plans point into the deltas and copy nothing
-            return 0
+        entries (its own delta's, and the host's negated), and row pointers for every row at the plan's depth.
+        Deltas for the native kernel report none of these bytes: its plans point into them and copy nothing."""
         host_entries, host_rows = self._bytes.get(host, (0, 0))
         entries = sum(n * (self._bytes[k][0] + host_entries) for k, n in counts.items() if k != host)
         pointers = max(host_rows, *(self._bytes[k][1] for k in counts))

@@ -59,19 +59,26 @@ class GuestSetError(ShiraError):
 
 @dataclass
 class _LayerDelta:
-    crow: torch.Tensor  # int32 [out + 1]
-    col: torch.Tensor  # int32 [nnz]
-    values: torch.Tensor  # GuestRows.dtype [nnz]: adapted - original
-    matrix: torch.Tensor  # the same three as a sparse CSR tensor [out, in], for prefill products
-    counts: torch.Tensor  # int32 [out]: entries per row (crow's differences), for building decode plans
+    """One layer's entries in the one form its GuestRows' plans read: CSR for PyTorch's products, or the native
+    kernel's blocks (the other form's fields are None, so a delta is not held twice)."""
+
+    crow: torch.Tensor | None = None  # int32 [out + 1]
+    col: torch.Tensor | None = None  # int32 [nnz]
+    values: torch.Tensor | None = None  # GuestRows.dtype [nnz]: adapted - original
+    matrix: torch.Tensor | None = None  # the same three as a sparse CSR tensor [out, in], for prefill products
+    counts: torch.Tensor | None = None  # int32 [out]: entries per row (crow's differences), for decode plans
     # For the native kernel: the entries block by block of output rows, by column within a block (start
     # int32 [blocks + 1], the row within the block uint8, the column as uint16 bits in int16, the value).
     blocked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every array it holds (`matrix` shares the CSR three's storage)."""
+        return [t for t in (self.crow, self.col, self.values, self.counts, *(self.blocked or ())) if t is not None]
+
 
 @dataclass(eq=False)
 class SetDelta:
-    """One adapter set's weights minus the base weights, per adapted Linear layer (layer id -> CSR)."""
+    """One adapter set's weights minus the base weights, per adapted Linear layer (layer id -> its entries)."""
 
     label: str
     layers: dict[int, _LayerDelta]
@@ -80,27 +87,35 @@ class SetDelta:
 
     @property
     def nbytes(self) -> int:
-        blocked = sum(_nbytes(t) for d in self.layers.values() if d.blocked is not None for t in d.blocked)
-        return self.entry_bytes + self.pointer_bytes + blocked
+        return sum(_nbytes(t) for d in self.layers.values() for t in d.tensors())
 
     @property
     def entry_bytes(self) -> int:
-        """Bytes of the column indices and values: what a decode plan copies once per row carrying this delta."""
-        return sum(_nbytes(d.col) + _nbytes(d.values) for d in self.layers.values())
+        """Bytes of the column indices and values that a decode plan copies once per row carrying this delta (0
+        for the native kernel's, which its plans point into)."""
+        return sum(_nbytes(d.col) + _nbytes(d.values) for d in self.layers.values() if d.col is not None)
 
     @property
     def pointer_bytes(self) -> int:
-        """Bytes of the row pointers (one block's worth in a decode plan)."""
-        return sum(_nbytes(d.crow) for d in self.layers.values())
+        """Bytes of the row pointers (one block's worth in a decode plan; 0 for the native kernel's)."""
+        return sum(_nbytes(d.crow) for d in self.layers.values() if d.crow is not None)
+
+    @property
+    def value_bytes(self) -> int:
+        """Bytes of the values alone: what a negated copy holds of its own."""
+        blocked = [d.blocked[3] for d in self.layers.values() if d.blocked is not None]
+        return sum(_nbytes(t) for t in blocked) + sum(_nbytes(d.values) for d in self.layers.values()
+                                                      if d.values is not None)
 
     def negated(self) -> SetDelta:
         """-delta: new values, the same index arrays (shared, not copied)."""
         layers = {}
         for lid, d in self.layers.items():
-            values = d.values.neg()
-            matrix = _csr(d.crow, d.col, values, d.matrix.shape)
-            blocked = (*d.blocked[:3], d.blocked[3].neg()) if d.blocked is not None else None
-            layers[lid] = _LayerDelta(d.crow, d.col, values, matrix, d.counts, blocked)
+            neg = _LayerDelta(blocked=(*d.blocked[:3], d.blocked[3].neg()) if d.blocked is not None else None)
+            if d.values is not None:
+                neg.crow, neg.col, neg.counts, neg.values = d.crow, d.col, d.counts, d.values.neg()
+                neg.matrix = _csr(d.crow, d.col, neg.values, d.matrix.shape)
+            layers[lid] = neg
         return SetDelta(f"-{self.label}", layers, self.nnz)
 
 
@@ -306,15 +321,16 @@ class GuestRows:
                 layer = self.layers[lid]
                 local = index[pos : pos + n] - self._offsets[name]
                 row, col = local // layer.in_features, local % layer.in_features
-                crow = torch.zeros(layer.out_features + 1, dtype=torch.int64)
-                crow[1:] = torch.bincount(row, minlength=layer.out_features).cumsum(0)
-                device = part.index.device
-                crow32, col32 = crow.to(device, torch.int32), col.to(device, torch.int32)
                 vals = values[pos : pos + n]
                 shape = (layer.out_features, layer.in_features)
-                matrix = _csr(crow32, col32, vals, shape)
-                blocked = _blocked(row, col, vals, shape, self._kernel.block) if self._kernel is not None else None
-                layers[lid] = _LayerDelta(crow32, col32, vals, matrix, crow32.diff(), blocked)
+                if self._kernel is not None:
+                    layers[lid] = _LayerDelta(blocked=_blocked(row, col, vals, shape, self._kernel.block))
+                else:
+                    crow = torch.zeros(layer.out_features + 1, dtype=torch.int64)
+                    crow[1:] = torch.bincount(row, minlength=layer.out_features).cumsum(0)
+                    device = part.index.device
+                    crow32, col32 = crow.to(device, torch.int32), col.to(device, torch.int32)
+                    layers[lid] = _LayerDelta(crow32, col32, vals, _csr(crow32, col32, vals, shape), crow32.diff())
                 pos += n
         delta = SetDelta(plan.label, layers, plan.nnz)
         return delta.negated() if negate else delta

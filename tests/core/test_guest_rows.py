@@ -339,20 +339,56 @@ def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
         guests.delta(switcher.prepare([(emb, 1.0)], label="emb"))
 
 
-def test_delta_holds_exactly_the_plan_entries(bound):
-    model, _, guests, plans, _ = bound
+def _dense(d, shape: tuple[int, int], block: int) -> torch.Tensor:
+    """A layer delta's entries as a dense [out, in] matrix, from whichever form it holds."""
+    if d.blocked is None:
+        return d.matrix.to_dense()
+    start, local, col, values = d.blocked
+    counts = start.diff().long()
+    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts) * block + local.long()
+    dense = torch.zeros(shape)
+    dense[rows, col.long() & 0xFFFF] = values
+    return dense
+
+
+@pytest.mark.parametrize("bound", [False, True], ids=["torch", "native"], indirect=True)
+def test_delta_holds_exactly_the_plan_entries_in_one_form(bound):
+    model, switcher, guests, plans, _ = bound
     delta = guests.delta(plans[3])
-    assert delta.nnz == plans[3].nnz == sum(int(d.col.numel()) for d in delta.layers.values())
     params = dict(model.named_parameters())
+    switcher.apply(plans[3])
+    adapted = {layer.name: params[layer.name].detach().clone() for layer in guests.layers}
+    switcher.revert()
+    entries = 0
     for lid, d in delta.layers.items():
-        layer = guests.layers[lid]
-        assert d.matrix.shape == params[layer.name].shape
-        assert d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
+        name = guests.layers[lid].name
+        shape = tuple(params[name].shape)
+        block = guests._kernel.block if guests.native else 0
+        torch.testing.assert_close(_dense(d, shape, block), adapted[name] - params[name].detach(), rtol=0, atol=1e-6)
+        entries += d.blocked[3].numel() if guests.native else d.col.numel()
+        if guests.native:  # the kernel's blocks only: no CSR copy beside them
+            assert d.crow is None and d.col is None and d.values is None and d.matrix is None
+        else:
+            assert d.blocked is None and d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
+    assert delta.nnz == plans[3].nnz == entries
+    assert delta.nbytes == sum(t.numel() * t.element_size() for d in delta.layers.values() for t in d.tensors())
+    if guests.native:  # 7 bytes an entry (uint8 row, uint16 column, fp32 value) and the block starts
+        assert delta.entry_bytes == delta.pointer_bytes == 0
+        assert 7 * entries <= delta.nbytes < 8 * entries
 
 
+@pytest.mark.parametrize("bound", [False, True], ids=["torch", "native"], indirect=True)
 def test_a_negated_delta_undoes_the_delta(bound):
-    _, _, guests, plans, _ = bound
+    model, _, guests, plans, _ = bound
     delta, negated = guests.delta(plans[3]), guests.delta(plans[3], negate=True)
     assert delta.layers.keys() == negated.layers.keys() and negated.nnz == delta.nnz
+    params = dict(model.named_parameters())
+    block = guests._kernel.block if guests.native else 0
     for lid, d in delta.layers.items():
-        torch.testing.assert_close(negated.layers[lid].matrix.to_dense(), -d.matrix.to_dense())
+        shape = tuple(params[guests.layers[lid].name].shape)
+        torch.testing.assert_close(_dense(negated.layers[lid], shape, block), -_dense(d, shape, block))
+    twin = delta.negated()  # shares the index arrays: only the values are its own
+    for lid, d in delta.layers.items():
+        mine, its = d.tensors(), twin.layers[lid].tensors()
+        assert sum(a.data_ptr() == b.data_ptr() for a, b in zip(mine, its, strict=True)) == len(mine) - 1
+    assert twin.value_bytes == delta.value_bytes > 0
