@@ -103,9 +103,8 @@ class SetDelta:
     @property
     def value_bytes(self) -> int:
         """Bytes of the values alone: what a negated copy holds of its own."""
-        blocked = [d.blocked[3] for d in self.layers.values() if d.blocked is not None]
-        return sum(_nbytes(t) for t in blocked) + sum(_nbytes(d.values) for d in self.layers.values()
-                                                      if d.values is not None)
+        values = [v for d in self.layers.values() for v in (d.values, d.blocked[3] if d.blocked else None)]
+        return sum(_nbytes(v) for v in values if v is not None)
 
     def negated(self) -> SetDelta:
         """-delta: new values, the same index arrays (shared, not copied)."""
