@@ -9,7 +9,10 @@ and their cache is left-padded to the running one's length before the two are co
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
+import logging
+import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -21,6 +24,12 @@ from transformers import DynamicCache
 from . import metrics
 from .generation import SamplingParams
 
+log = logging.getLogger(__name__)
+
+# Temperatures are floored here so that scaling by 1/T stays finite in fp32 (the API refuses T below
+# service.protocol's MIN_TEMPERATURE anyway; this guards direct callers).
+TEMPERATURE_FLOOR = 1e-4
+
 
 @dataclass(eq=False)
 class Row:
@@ -30,7 +39,7 @@ class Row:
         prompt_ids: the tokenised prompt (at least one token).
         params: sampling settings; temperature 0 is greedy.
         on_text: called with each complete piece of new text (streaming); None when nobody streams.
-        on_done: called once with the row when it finishes, for any reason.
+        on_done: called once with the row when it finishes, for any reason (`error` is set when it failed).
         cancelled: polled between steps; when it returns True the row leaves the batch.
         set_key: the row's adapter set, for mixed-set batches (rows of one set may share a SetDelta).
     """
@@ -43,7 +52,8 @@ class Row:
     set_key: Hashable = ()
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
+    error: BaseException | None = None
     generator: torch.Generator | None = None
     _emitted: int = 0
     _prefix: int = 0  # incremental detokenisation offsets into `tokens`
@@ -102,6 +112,8 @@ class BatchGenerator:
             guests: Guests | None = None) -> int:
         """Generates until every row is finished.
 
+        A row whose prefill, step, sampling or callbacks raise ends alone with `error` set; the others go on.
+
         Args:
             rows: the rows to start with.
             admit: asked between steps for up to n more rows to join the batch (same adapter set, or any set
@@ -117,39 +129,114 @@ class BatchGenerator:
         produced = 0
         while True:
             if pending:
-                for row in pending:
-                    self._init_row(row)
-                with guests.prefill(pending, batch.rows if batch else []) if guests else contextlib.nullcontext():
-                    start = time.perf_counter()
-                    joined, first = self._prefill(pending)
-                    tokens = first.tolist()  # waits for the device, so the time is the pass's
-                    metrics.STEP_SECONDS.labels("prefill").observe(time.perf_counter() - start)
-                produced += self._advance(joined, tokens)
-                batch = self._merge(batch, joined)
-                batch = self._drop_finished(batch)
+                batch, made = self._join(batch, [r for r in pending if self._start(r)], guests)
+                produced += made
             if batch is None:
                 pending = admit(max_rows) if admit else []
                 if not pending:
                     return produced
                 continue
-            batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-            with guests.decode(batch.rows) if guests else contextlib.nullcontext():
-                start = time.perf_counter()
-                logits = self.model(
-                    input_ids=batch.last[:, None],
-                    attention_mask=batch.mask,
-                    position_ids=batch.positions[:, None],
-                    use_cache=True,
-                    **{self._cache_arg: batch.cache},
-                ).logits[:, -1]
-                batch.last = self._sample(logits, batch.rows)
-                tokens = batch.last.tolist()
-                metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)
-            batch.positions = batch.positions + 1
-            produced += self._advance(batch, tokens)
-            batch = self._drop_finished(batch)
+            batch, made = self._decode(batch, guests)
+            produced += made
             room = max_rows - (len(batch.rows) if batch else 0)
             pending = admit(room) if admit and room > 0 else []
+
+    def _start(self, row: Row) -> bool:
+        try:
+            self._init_row(row)
+        except Exception as e:
+            self._fail(row, e)
+            self._finish(row)
+            return False
+        return True
+
+    def _join(self, batch: _Batch | None, rows: list[Row], guests: Guests | None) -> tuple[_Batch | None, int]:
+        """Prefills `rows` and adds them to the running batch. When a prefill of several rows fails, each is
+        prefilled on its own, so only a row that fails alone is dropped."""
+        if not rows:
+            return batch, 0
+        try:
+            with guests.prefill(rows, batch.rows if batch else []) if guests else contextlib.nullcontext():
+                start = time.perf_counter()
+                joined, first = self._prefill(rows)
+                tokens = first.tolist()  # waits for the device, so the time is the pass's
+                metrics.STEP_SECONDS.labels("prefill").observe(time.perf_counter() - start)
+        except Exception as e:
+            if len(rows) == 1:
+                self._fail(rows[0], e)
+                self._finish(rows[0])
+                return batch, 0
+            log.warning("prefill of %d rows failed (%s: %s); prefilling them one at a time", len(rows),
+                        type(e).__name__, e)
+            produced = 0
+            for row in rows:
+                batch, made = self._join(batch, [row], guests)
+                produced += made
+            return batch, produced
+        produced = self._advance(joined, tokens)
+        return self._drop_finished(self._merge(batch, joined)), produced
+
+    def _decode(self, batch: _Batch, guests: Guests | None) -> tuple[_Batch | None, int]:
+        """One decode step for every row. When it fails, each row steps on its own, so only a row that fails
+        alone is dropped."""
+        length = batch.cache.get_seq_length()
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        try:
+            tokens = self._step(batch, guests)
+        except Exception as e:
+            log.warning("decode step of %d rows failed (%s: %s); stepping them one at a time", len(batch.rows),
+                        type(e).__name__, e)
+            batch, tokens = self._step_alone(batch, length, guests)
+            if batch is None:
+                return None, 0
+        batch.positions = batch.positions + 1
+        produced = self._advance(batch, tokens)
+        return self._drop_finished(batch), produced
+
+    def _step(self, batch: _Batch, guests: Guests | None) -> list[int]:
+        with guests.decode(batch.rows) if guests else contextlib.nullcontext():
+            start = time.perf_counter()
+            logits = self.model(
+                input_ids=batch.last[:, None],
+                attention_mask=batch.mask,
+                position_ids=batch.positions[:, None],
+                use_cache=True,
+                **{self._cache_arg: batch.cache},
+            ).logits[:, -1]
+            batch.last = sample(logits, batch.rows)
+            tokens = batch.last.tolist()
+            metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)
+        return tokens
+
+    def _step_alone(self, batch: _Batch, length: int, guests: Guests | None) -> tuple[_Batch | None, list[int]]:
+        """Steps each row of a batch whose step failed on its own; rows that fail again end with their error."""
+        for layer in batch.cache.layers:  # layers the failed pass reached hold one token too many
+            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        parts, tokens = [], []
+        for i, row in enumerate(batch.rows):
+            part = self._select(batch, slice(i, i + 1))
+            try:
+                tokens += self._step(part, guests)
+            except Exception as e:
+                self._fail(row, e)
+                self._finish(row)
+                continue
+            parts.append(part)
+        if not parts:
+            return None, []
+        return functools.reduce(self._merge, parts), tokens
+
+    def _select(self, batch: _Batch, index: slice) -> _Batch:
+        """Some rows of a batch as a batch of their own; the cache rows are views, not copies."""
+        cache = DynamicCache(config=self.model.config)
+        for mine, theirs in zip(cache.layers, batch.cache.layers, strict=True):
+            mine.lazy_initialization(theirs.keys, theirs.values)
+            mine.keys, mine.values = theirs.keys[index], theirs.values[index]
+        return _Batch(batch.rows[index], cache, batch.mask[index], batch.positions[index], batch.last[index])
+
+    def _fail(self, row: Row, error: BaseException) -> None:
+        log.error("a row failed: %s: %s", type(error).__name__, error, exc_info=error)
+        row.error, row.finish_reason = error, "error"
 
     def _init_row(self, row: Row) -> None:
         if not row.prompt_ids:
@@ -175,40 +262,29 @@ class BatchGenerator:
             input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
             **{self._cache_arg: cache},
         ).logits[:, -1]
-        first = self._sample(logits, rows)
+        first = sample(logits, rows)
         return _Batch(rows, cache, mask, positions[:, -1] + 1, first), first
-
-    def _sample(self, logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-        picked = logits.argmax(dim=-1)
-        sampled = [i for i, r in enumerate(rows) if r.generator is not None]
-        if not sampled:
-            return picked
-        index = torch.tensor(sampled, device=logits.device)
-        temps = torch.tensor([rows[i].params.temperature for i in sampled], device=logits.device)
-        probs = torch.softmax(logits.index_select(0, index).float() / temps[:, None], dim=-1)
-        top_p = [rows[i].params.top_p for i in sampled]
-        if any(p < 1.0 for p in top_p):
-            ordered, order = probs.sort(dim=-1, descending=True)
-            cut = (ordered.cumsum(-1) - ordered) >= torch.tensor(top_p, device=logits.device)[:, None]
-            probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(cut, 0.0))
-        for j, i in enumerate(sampled):
-            picked[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-        return picked
 
     def _advance(self, batch: _Batch, tokens: list[int]) -> int:
         """Appends each row's new token and settles EOS, length, stop strings and cancellation."""
         for row, token in zip(batch.rows, tokens, strict=True):
-            if row.cancelled():
-                row.finish_reason = "cancelled"
-                continue
-            row.tokens.append(token)
-            if token in self.eos_ids:
-                row.finish_reason = "stop"
-            elif len(row.tokens) >= row.params.max_new_tokens:
-                row.finish_reason = "length"
-            if row.incremental:
-                self._detokenize(row, final=row.finish_reason is not None)
+            try:
+                self._advance_row(row, token)
+            except Exception as e:  # a failing stream callback or detokenisation ends only its own row
+                self._fail(row, e)
         return len(tokens)
+
+    def _advance_row(self, row: Row, token: int) -> None:
+        if row.cancelled():
+            row.finish_reason = "cancelled"
+            return
+        row.tokens.append(token)
+        if token in self.eos_ids:
+            row.finish_reason = "stop"
+        elif len(row.tokens) >= row.params.max_new_tokens:
+            row.finish_reason = "length"
+        if row.incremental:
+            self._detokenize(row, final=row.finish_reason is not None)
 
     def _detokenize(self, row: Row, final: bool) -> None:
         ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.eos_ids else row.tokens
@@ -231,11 +307,17 @@ class BatchGenerator:
                 row._emitted = end
 
     def _finish(self, row: Row) -> None:
-        if not row.incremental:
+        if row.error is None and not row.incremental:
             ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.eos_ids else row.tokens
-            row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            try:
+                row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            except Exception as e:
+                self._fail(row, e)
         if row.on_done is not None:
-            row.on_done(row)
+            try:
+                row.on_done(row)
+            except Exception:
+                log.exception("on_done of a finished row raised; the other rows go on")
 
     def _drop_finished(self, batch: _Batch) -> _Batch | None:
         done = [i for i, r in enumerate(batch.rows) if r.finish_reason is not None]
@@ -272,6 +354,35 @@ class BatchGenerator:
         running.positions = torch.cat([running.positions, joined.positions])
         running.last = torch.cat([running.last, joined.last])
         return running
+
+
+def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+    """The next token of each row: greedy rows take the argmax, sampled rows draw from softmax(logits / T) cut to
+    top_p. Never raises on extreme settings: T is floored, the most likely token always survives the top_p cut,
+    and a row whose distribution is unusable (NaN or infinite logits) keeps its argmax."""
+    picked = logits.argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if r.generator is not None]
+    if not sampled:
+        return picked
+    index = torch.tensor(sampled, device=logits.device)
+    temps = [_temperature(rows[i].params.temperature) for i in sampled]
+    scaled = logits.index_select(0, index).float() / torch.tensor(temps, device=logits.device)[:, None]
+    probs = torch.softmax(scaled, dim=-1)
+    top_p = [rows[i].params.top_p for i in sampled]
+    if any(p < 1.0 for p in top_p):
+        ordered, order = probs.sort(dim=-1, descending=True)
+        cut = (ordered.cumsum(-1) - ordered) >= torch.tensor(top_p, device=logits.device)[:, None]
+        cut[:, 0] = False  # a top_p that underflows fp32 would otherwise cut every token
+        probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(cut, 0.0))
+    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    for j, i in enumerate(sampled):
+        if usable[j]:
+            picked[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+    return picked
+
+
+def _temperature(value: float) -> float:
+    return value if math.isfinite(value) and value > TEMPERATURE_FLOOR else TEMPERATURE_FLOOR
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

@@ -177,6 +177,9 @@ class Engine:
             raise MalformedUploadError(f"adapter {name!r}: {e}") from e
         except ShiraError as e:
             raise InvalidAdapterError(f"adapter {name!r}: {e}") from e
+        except Exception as e:  # the parser is fuzzed to raise only its own errors; an upload never gets a 500
+            log.exception("parsing adapter %r raised unexpectedly", name)
+            raise MalformedUploadError(f"adapter {name!r} could not be parsed ({type(e).__name__}: {e})") from e
 
     async def resolve(self, adapters: AdapterSet) -> AdapterSet:
         """Pins every adapter to a version (the latest when none is given); AdapterNotFoundError otherwise."""
@@ -252,10 +255,20 @@ class Engine:
         # exits afterwards, so no second OpenMP pool outlives it (see service.torch_thread). Hits need no thread.
         missing = [rec for rec, _ in rset.items if not self.cache.touch_adapter(rec)]
         await asyncio.gather(*(run_torch(self.cache.adapter, rec) for rec in missing))
+        if rset.items and ("plan", rset.key) not in self.cache:
+            await self._check_servable(rset)
         pending = Pending(request, rset, asyncio.get_running_loop(), stream)
         pending.ticket = self.scheduler.submit(rset.key, pending)
         metrics.QUEUE_DEPTH.set(self.scheduler.depth)
         return pending
+
+    async def _check_servable(self, rset: ResolvedSet) -> None:
+        """Builds the set's SwitchPlan before queuing, so a set that cannot be served (a weighted sum that
+        overflows, a weight the engine does not switch) is this request's 422 and never reaches a batch."""
+        try:
+            await run_torch(self._worker.plan_of, rset.key, rset)
+        except ShiraError as e:
+            raise InvalidAdapterError(f"adapter set {rset.label} cannot be served: {e}") from e
 
     def _abandon(self, pending: Pending) -> None:
         if not pending.finished:

@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import torch
 
+from shira_core.errors import ShiraError
 from shira_core.fusion import fuse_ties
 from shira_core.guest_rows import GuestRows, SetDelta
 from shira_core.switcher import Switcher, SwitchPlan
@@ -27,7 +28,7 @@ from . import metrics
 from .adapter_cache import AdapterCache
 from .batch_generation import BatchGenerator, Row
 from .config import Settings
-from .errors import ServiceError
+from .errors import GenerationFailedError, InvalidAdapterError, ServiceError
 from .generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, Timings
 from .mixed_batches import MixedBatches
 from .scheduler import Scheduler
@@ -41,6 +42,19 @@ class EngineUnavailableError(ServiceError):
     """The engine is starting or shutting down."""
 
     status, code = 503, "engine_unavailable"
+
+
+def request_error(error: BaseException, label: str) -> ServiceError:
+    """What a client is told when serving its request raised: a set that cannot be served is its own 422,
+    anything unexpected a 500 that names the set (the log has the traceback)."""
+    if isinstance(error, ServiceError):
+        return error
+    if isinstance(error, ShiraError):
+        return InvalidAdapterError(f"adapter set {label} cannot be served: {error}")
+    return GenerationFailedError(
+        f"generation failed for adapter set {label} ({type(error).__name__}); the server log has the details, "
+        "and other requests were not affected"
+    )
 
 
 @dataclass(frozen=True)
@@ -133,17 +147,34 @@ class Worker(threading.Thread):
                 if picked is None:
                     continue
                 key, tickets = picked
-                pendings = [t.item for t in tickets]
+                pendings = [t.item for t in tickets]  # grown in place as requests join, so all get answered
                 try:
-                    if self.mixed is not None and self.mixed.mixable(key, pendings[0].rset):
+                    if self._mixable(key, pendings[0].rset):
                         self._serve_mixed(pendings)
                     else:
                         self._serve(key, pendings)
-                except Exception:  # never let one bad batch end the worker
+                except Exception as e:  # never let one bad batch end the worker, or leave a request waiting
                     log.exception("batch for %s failed", key)
+                    for p in pendings:
+                        if not p.finished:
+                            p.fail(request_error(e, p.rset.label))
         finally:
             if self.mixed is not None:
                 self.mixed.guests.close()  # a restarted engine wraps the layers anew
+
+    def _mixable(self, key: tuple, rset: ResolvedSet) -> bool:
+        """MixedBatches.mixable; a set whose delta cannot even be built fails its queued requests (it could not
+        run alone either) and is reported as not mixable."""
+        if self.mixed is None:
+            return False
+        try:
+            return self.mixed.mixable(key, rset)
+        except Exception as e:
+            log.exception("adapter set %s cannot be served", rset.label)
+            for ticket in self.scheduler.take(key, self.scheduler.depth_of(key)):
+                ticket.item.fail(request_error(e, rset.label))
+            metrics.QUEUE_DEPTH.set(self.scheduler.depth)
+            raise
 
     def fail_queued(self) -> None:
         """Fails every request still queued (at shutdown)."""
@@ -164,8 +195,9 @@ class Worker(threading.Thread):
         try:
             switch_s = self._switch(key, live[0].rset)
         except Exception as e:
+            log.exception("switching to %s failed", live[0].rset.label)
             for p in live:
-                p.fail(e)
+                p.fail(request_error(e, p.rset.label))
             return
 
         def joiners(room: int, running: list[tuple]) -> list:
@@ -227,7 +259,12 @@ class Worker(threading.Thread):
                 return []
             now = time.monotonic()
             running = [r.set_key for r, _ in members if r.finish_reason is None]
-            joined = [(self._row(t.item, now, 0.0), t.item) for t in joiners(room, running)]
+            try:
+                tickets = joiners(room, running)
+            except Exception:  # a queued set that breaks while being checked fails alone (see _mixable)
+                log.exception("admitting joiners failed; the running batch goes on without them")
+                return []
+            joined = [(self._row(t.item, now, 0.0), t.item) for t in tickets]
             joined = [(r, p) for r, p in joined if not p.cancelled]
             members.extend(joined)
             metrics.QUEUE_DEPTH.set(self.scheduler.depth)
@@ -239,9 +276,9 @@ class Worker(threading.Thread):
             produced = self.generator.run(rows, admit=admit, max_rows=self.settings.max_batch_size, guests=guests)
         except Exception as e:
             log.exception("generation failed for %s", label)
-            for row, p in members:
-                if row.finish_reason is None and not p.finished:
-                    p.fail(e)
+            for _, p in members:
+                if not p.finished:
+                    p.fail(request_error(e, p.rset.label))
             return
         finally:
             self.batches += 1
@@ -253,14 +290,17 @@ class Worker(threading.Thread):
         """Keys of the queued groups, or None when one of them cannot share a batch with other sets."""
         keys = set()
         for key, pending in self.scheduler.heads():
-            if not self.mixed.mixable(key, pending.rset):
-                return None
+            try:
+                if not self._mixable(key, pending.rset):
+                    return None
+            except Exception:  # its requests have failed; the other sets go on
+                continue
             keys.add(key)
         return keys
 
     def _delta(self, key: tuple, rset: ResolvedSet, negate: bool) -> SetDelta:
         def build() -> tuple[SetDelta, int]:
-            delta = self.mixed.guests.delta(self._plan_of(key, rset))
+            delta = self.mixed.guests.delta(self.plan_of(key, rset))
             return delta, delta.nbytes
 
         delta = self.cache.get(("guest", key, False), build, names=rset.names)
@@ -273,7 +313,8 @@ class Worker(threading.Thread):
 
         return self.cache.get(("guest", key, True), build_negated, names=rset.names)
 
-    def _plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
+    def plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
+        """The set's SwitchPlan, from the cache or built (any thread: the Switcher locks its reads)."""
         return self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)
 
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
@@ -283,6 +324,9 @@ class Worker(threading.Thread):
 
         def done(row: Row) -> None:
             p.finished = True
+            if row.error is not None:
+                p.fail(request_error(row.error, p.rset.label))
+                return
             if row.finish_reason == "cancelled":
                 return
             switched = switch_s + self.switch_clock - clock
@@ -298,7 +342,7 @@ class Worker(threading.Thread):
             result = self.switcher.revert()
             self.cache.pin(None)
         else:
-            result = self.switcher.apply(self._plan_of(key, rset))
+            result = self.switcher.apply(self.plan_of(key, rset))
             self.cache.pin(("plan", key))
         label = rset.label if rset is not None else "base"
         self.active_key, self.active_label = key, label

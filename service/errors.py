@@ -54,3 +54,9 @@ class QueueFullError(ServiceError):
 
 class RegistryUnavailableError(ServiceError):
     status, code = 503, "registry_unavailable"
+
+
+class GenerationFailedError(ServiceError):
+    """Serving one request raised unexpectedly; that request fails alone."""
+
+    status, code = 500, "generation_failed"

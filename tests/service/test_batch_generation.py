@@ -1,12 +1,16 @@
-"""The batched decode loop on a tiny random Llama with the bundled model's tokenizer."""
+"""The batched decode loop on a tiny random Llama with the bundled tokenizer; one row's failure stays its own."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.batch_generation import BatchGenerator, Row
+from service.batch_generation import BatchGenerator, Row, sample
 from service.generation import SamplingParams
 
 PROMPTS = ["Hello", "The capital of France is", "One two three four five six seven", "a b"]
@@ -150,3 +154,122 @@ def test_max_new_tokens_one_finishes_at_prefill(gen, model, tokenizer):
     for row in rows:
         assert row.finish_reason in ("length", "stop") and len(row.tokens) == 1
         assert row.tokens == reference_greedy(model, row.prompt_ids, 1, -1)
+
+
+# -- one row's failure stays its own -----------------------------------------------------------------
+
+
+class FailingGuests:
+    """A Guests double: forward passes run plainly, except that any pass holding a row of `bad` raises."""
+
+    def __init__(self, bad: str, phase: str, after_tokens: int = 0) -> None:
+        self.bad, self.phase, self.after_tokens = bad, phase, after_tokens
+
+    def _check(self, rows: list[Row], phase: str) -> contextlib.AbstractContextManager[None]:
+        if phase == self.phase and any(r.set_key == self.bad and len(r.tokens) >= self.after_tokens for r in rows):
+            raise RuntimeError(f"injected failure in a {phase} pass")
+        return contextlib.nullcontext()
+
+    def prefill(self, rows: list[Row], running: list[Row]) -> contextlib.AbstractContextManager[None]:
+        return self._check(rows, "prefill")
+
+    def decode(self, rows: list[Row]) -> contextlib.AbstractContextManager[None]:
+        return self._check(rows, "decode")
+
+
+def expect_reference(model, rows: list[Row]) -> None:
+    for row in rows:
+        assert row.error is None
+        assert row.tokens == reference_greedy(model, row.prompt_ids, row.params.max_new_tokens, -1)
+
+
+def test_a_row_whose_decode_pass_fails_leaves_alone(gen, model, tokenizer):
+    done = []
+    rows = [Row(ids(tokenizer, p), greedy(n=10), set_key=k, on_done=done.append)
+            for p, k in zip(PROMPTS[:3], ["a", "bad", "b"], strict=True)]
+    gen.run(rows, guests=FailingGuests("bad", "decode", after_tokens=3))
+    bad = rows[1]
+    assert bad.finish_reason == "error" and "injected" in str(bad.error) and len(bad.tokens) == 3
+    assert bad in done and len(done) == 3  # every row is reported, the failed one too
+    expect_reference(model, [rows[0], rows[2]])
+
+
+def test_a_joiner_whose_prefill_fails_leaves_alone_and_the_batch_goes_on(gen, model, tokenizer):
+    first = [Row(ids(tokenizer, PROMPTS[0]), greedy(n=10), set_key="a")]
+    late = [Row(ids(tokenizer, PROMPTS[2]), greedy(n=6), set_key="bad"),
+            Row(ids(tokenizer, PROMPTS[3]), greedy(n=7), set_key="b")]
+    calls = []
+
+    def admit(room: int) -> list[Row]:
+        calls.append(room)
+        return late if len(calls) == 2 else []
+
+    gen.run(first, admit=admit, guests=FailingGuests("bad", "prefill"))
+    assert late[0].finish_reason == "error" and late[0].tokens == []
+    expect_reference(model, [first[0], late[1]])
+
+
+def test_a_poisoned_prompt_fails_alone_in_a_shared_prefill(gen, model, tokenizer):
+    vocab = model.config.vocab_size
+    rows = [Row(ids(tokenizer, PROMPTS[0]), greedy(n=6)), Row([5, vocab + 7], greedy(n=6)),
+            Row(ids(tokenizer, PROMPTS[1]), greedy(n=6))]
+    gen.run(rows)
+    assert rows[1].finish_reason == "error" and isinstance(rows[1].error, IndexError)
+    expect_reference(model, [rows[0], rows[2]])
+
+
+def test_a_failing_stream_callback_ends_only_its_own_row(gen, model, tokenizer):
+    def broken(text: str) -> None:
+        raise ConnectionResetError("the client's stream is gone")
+
+    rows = [Row(ids(tokenizer, PROMPTS[0]), greedy(n=8)), Row(ids(tokenizer, PROMPTS[1]), greedy(n=8), on_text=broken),
+            Row(ids(tokenizer, PROMPTS[2]), greedy(n=8), on_text=lambda text: None)]
+    gen.run(rows)
+    assert isinstance(rows[1].error, ConnectionResetError)
+    expect_reference(model, [rows[0], rows[2]])
+
+
+def test_extreme_temperature_and_top_p_leave_the_batch_running(gen, model, tokenizer):
+    """The reliability issue's first defect: top_p=1e-300 or temperature=1e-39 underflowed in fp32 and made
+    torch.multinomial raise, which failed every row of the batch."""
+    prompt = ids(tokenizer, PROMPTS[0])
+    tiny_p = Row(prompt, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=1e-300, seed=1))
+    tiny_t = Row(prompt, SamplingParams(max_new_tokens=8, temperature=1e-39, seed=1))
+    denormal_p = Row(prompt, SamplingParams(max_new_tokens=8, temperature=1.0, top_p=5e-324, seed=1))
+    plain = Row(ids(tokenizer, PROMPTS[1]), greedy(n=8))
+    gen.run([tiny_p, tiny_t, denormal_p, plain])
+    expected = reference_greedy(model, prompt, 8, -1)
+    assert tiny_p.tokens == expected and denormal_p.tokens == expected  # only the top token survives top_p
+    assert tiny_t.tokens == expected  # T floored to 1e-4: the top token by a wide margin
+    expect_reference(model, [plain])
+
+
+floats = st.floats(width=32, allow_nan=True, allow_infinity=True)
+settings_ = st.tuples(
+    st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=1e6), st.sampled_from([5e-324, 1e-300, 1e-39])),
+    st.one_of(st.floats(min_value=0.0, max_value=1.0, exclude_min=True), st.sampled_from([5e-324, 1e-300, 1.0])),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(st.integers(1, 4).flatmap(lambda v: st.lists(st.lists(floats, min_size=v, max_size=v), min_size=1, max_size=4)),
+       st.lists(settings_, min_size=4, max_size=4))
+def test_sampling_never_raises_on_extreme_logits_and_settings(logits, params):
+    rows = []
+    for (temperature, top_p), _ in zip(params, logits, strict=False):
+        row = Row([1], SamplingParams(temperature=temperature, top_p=top_p, seed=0))
+        if temperature > 0:
+            row.generator = torch.Generator().manual_seed(0)
+        rows.append(row)
+    picked = sample(torch.tensor(logits, dtype=torch.float32), rows)
+    assert picked.shape == (len(logits),)
+    assert all(0 <= int(t) < len(logits[0]) for t in picked)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sampling_in_half_precision_logits(dtype):
+    logits = torch.tensor([[0.0, 60000.0, -60000.0], [1.0, 1.0, 1.0]], dtype=dtype)
+    rows = [Row([1], SamplingParams(temperature=1e-30, top_p=1e-40, seed=0)) for _ in range(2)]
+    for row in rows:
+        row.generator = torch.Generator().manual_seed(0)
+    assert sample(logits, rows).tolist()[0] == 1
