@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 
 import pytest
 import redis
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from support import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload
 
 from service import metrics
 from service.config import Settings
@@ -26,46 +25,9 @@ from service.errors import (
 from service.generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, SamplingParams
 from service.registry import RedisRegistry
 from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.fingerprint import BaseFingerprint
 from shira_core.fusion import fuse_ties
 from shira_core.io import adapter_to_bytes
-from shira_core.masks import rand_mask
 from shira_core.models import linear_weight_names, load_base
-
-TEST_REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-
-
-def tiny_model(vocab: int) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(config).eval()
-
-
-def random_adapter(model, name: str, seed: int, density: float, std: float) -> SparseAdapter:
-    """A SHiRA-Rand adapter over every linear weight, values ~ N(0, std), with the model's fingerprint."""
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for i, layer in enumerate(linear_weight_names(model)):
-        weight = params[layer]
-        idx = rand_mask(weight, density, seed=seed * 1000 + i).cpu()
-        deltas[layer] = SparseDelta(layer, tuple(weight.shape), idx, torch.randn(idx.numel(), generator=gen) * std)
-    return SparseAdapter(name, deltas, "rand", BaseFingerprint.of(model).to_dict(deltas))
-
-
-def upload(registry: RedisRegistry, adapter: SparseAdapter, fingerprint: BaseFingerprint):
-    info = {"nnz": adapter.nnz, "density": adapter.density, "layers": len(adapter), "mask": adapter.mask,
-            "base_fingerprint": fingerprint.id}
-    return registry.put(adapter.name, adapter_to_bytes(adapter), info)
-
-
-def request(ids: list[int], *names: str, n: int = 8, merge: str = "linear", weights=None) -> GenerationRequest:
-    weights = weights or [1.0] * len(names)
-    refs = tuple(AdapterRef(name, None, w) for name, w in zip(names, weights, strict=True))
-    return GenerationRequest(ids, SamplingParams(max_new_tokens=n), AdapterSet(refs, merge))
-
 
 # -- behaviour on a tiny model -----------------------------------------------------------------------
 
@@ -289,13 +251,6 @@ def real():
     keys = list(client.scan_iter(match=f"{ns}:*", count=1000))
     if keys:
         client.delete(*keys)
-
-
-@torch.inference_mode()
-def hf_greedy(model, tok, ids: list[int], n: int) -> str:
-    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                         max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True)
 
 
 @pytest.mark.integration

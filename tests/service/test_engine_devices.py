@@ -11,7 +11,7 @@ import asyncio
 
 import pytest
 import torch
-from test_engine import random_adapter, request, tiny_model, upload
+from support import random_adapter, request, tiny_model, upload
 
 from service.config import Settings
 from service.engine import Engine

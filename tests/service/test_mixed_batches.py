@@ -8,7 +8,7 @@ import uuid
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from test_engine import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
+from support import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
 
 from service import metrics
 from service.config import Settings

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from test_engine import random_adapter, tiny_model
+from support import random_adapter, tiny_model
 
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis, connect, start_embedded

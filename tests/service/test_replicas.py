@@ -20,7 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from test_engine import random_adapter, tiny_model
+from support import random_adapter, tiny_model
 
 from service.config import Settings
 from service.embedded_redis import connect, free_port

@@ -45,7 +45,7 @@ def test_available_cpus_never_exceeds_the_affinity_mask():
 
 
 def test_the_engine_sets_torch_threads_from_settings(tokenizer, registry):
-    from test_engine import tiny_model
+    from support import tiny_model
 
     from service.config import Settings
     from service.engine import Engine
