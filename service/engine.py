@@ -28,8 +28,9 @@ from . import metrics
 from .adapter_cache import AdapterCache
 from .batch_generation import BatchGenerator
 from .config import Settings
-from .engine_worker import EngineUnavailableError, Pending, ResolvedSet, Worker, resolved_set
+from .engine_worker import Worker
 from .errors import (
+    EngineUnavailableError,
     InvalidAdapterError,
     InvalidRequestError,
     MalformedUploadError,
@@ -38,6 +39,7 @@ from .errors import (
 from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
 from .scheduler import Scheduler
 from .torch_thread import available_cpus, run_torch
+from .types import Pending, ResolvedSet, resolved_set
 
 log = logging.getLogger(__name__)
 
@@ -311,13 +313,13 @@ class Engine:
             "model": self.model_label,
             "device": str(self.device),
             "ready": self.ready(),
-            "active": worker.active_label if worker else "base",
+            "active": worker.merged.label if worker else "base",
             "queue_depth": self.scheduler.depth,
             "queued_by_set": self.scheduler.snapshot(),
             "cache": self.cache.stats() if self.cache else {},
             "switcher": self.switcher.memory() if self.switcher else {},
             "memory": metrics_sample,
             "batches": worker.batches if worker else 0,
-            "switches": dict(worker.switches) if worker else {},
+            "switches": dict(worker.merged.switches) if worker else {},
         }
 

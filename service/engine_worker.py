@@ -6,43 +6,31 @@ through the scheduler (requests in) and each request's asyncio.Queue (text, resu
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
 
 import psutil
 import torch
 
 from shira_core.errors import ShiraError
 from shira_core.fusion import fuse_ties
-from shira_core.guest_rows import GuestRows, SetDelta
+from shira_core.guest_rows import GuestRows, GuestSetError, SetDelta
 from shira_core.switcher import Switcher, SwitchPlan
 
 from . import metrics
 from .adapter_cache import AdapterCache
 from .batch_generation import BatchGenerator, Row
 from .config import Settings
-from .errors import GenerationFailedError, InvalidAdapterError, ServiceError
-from .generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, Timings
+from .errors import EngineUnavailableError, GenerationFailedError, InvalidAdapterError, ServiceError
+from .generation import GenerationResult, Timings
+from .merged_set import MergedSet
 from .mixed_batches import MixedBatches
 from .scheduler import Scheduler
+from .types import BASE_KEY, Pending, ResolvedSet
 
 log = logging.getLogger(__name__)
-
-BASE_KEY: tuple = ()
-
-
-class EngineUnavailableError(ServiceError):
-    """The engine is starting or shutting down."""
-
-    status, code = 503, "engine_unavailable"
-
 
 def request_error(error: BaseException, label: str) -> ServiceError:
     """What a client is told when serving its request raised: a set that cannot be served is its own 422,
@@ -57,64 +45,6 @@ def request_error(error: BaseException, label: str) -> ServiceError:
     )
 
 
-@dataclass(frozen=True)
-class ResolvedSet:
-    """An adapter set with every adapter pinned to a stored record (name, version, sha256).
-
-    `key` identifies the weights the set produces: equal keys can share a batch and a SwitchPlan.
-    """
-
-    key: tuple
-    items: tuple[tuple[Any, float], ...]  # (AdapterRecord, weight), in request order
-    merge: str
-    pinned: AdapterSet
-    label: str
-
-    @property
-    def names(self) -> list[str]:
-        return [rec.name for rec, _ in self.items]
-
-    def used(self) -> list[dict]:
-        return [{"name": rec.name, "version": rec.version, "weight": w} for rec, w in self.items]
-
-
-def resolved_set(adapters: AdapterSet, records: list[Any]) -> ResolvedSet:
-    """Builds the ResolvedSet of `adapters` from their registry records (same order)."""
-    if not records:
-        return ResolvedSet(BASE_KEY, (), "linear", AdapterSet((), adapters.merge), "base")
-    items = tuple((rec, float(ref.weight)) for ref, rec in zip(adapters.refs, records, strict=True))
-    merge = adapters.merge if len(items) > 1 else "linear"  # one adapter: every merge is the same
-    key = (tuple(sorted((rec.name, rec.version, rec.sha256, w) for rec, w in items)), merge)
-    pinned = AdapterSet(
-        tuple(AdapterRef(rec.name, rec.version, ref.weight) for ref, rec in zip(adapters.refs, records, strict=True)),
-        adapters.merge,
-    )
-    return ResolvedSet(key, items, merge, pinned, pinned.label())
-
-
-@dataclass(eq=False)
-class Pending:
-    """One request between the event loop and the worker."""
-
-    request: GenerationRequest
-    rset: ResolvedSet
-    loop: asyncio.AbstractEventLoop
-    stream: bool
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    enqueued: float = field(default_factory=time.monotonic)
-    ticket: Any = None
-    cancelled: bool = False
-    finished: bool = False
-
-    def put(self, item: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def fail(self, error: BaseException) -> None:
-        self.finished = True
-        self.put(error)
-
-
 class Worker(threading.Thread):
     """The thread that owns the model. Start it once; set `stop` to end it after the current batch."""
 
@@ -123,11 +53,8 @@ class Worker(threading.Thread):
         super().__init__(name="shira-engine", daemon=True)
         self.scheduler, self.switcher, self.cache = scheduler, switcher, cache
         self.generator, self.settings, self.stop = generator, settings, stop
-        self.active_key: tuple = BASE_KEY if switcher.active is None else ("unknown",)
-        self.active_label = "base"
+        self.merged = MergedSet(switcher, cache)
         self.batches = 0
-        self.switches: Counter[str] = Counter()
-        self.switch_clock = 0.0  # seconds spent switching, ever; a row reports the part it lived through
         self._process = psutil.Process()
         self.mixed: MixedBatches | None = None
         if settings.mixed_batches:
@@ -135,15 +62,14 @@ class Worker(threading.Thread):
             log.info("mixed batches: guest rows corrected by %s", "the native kernel" if guests.native
                      else "PyTorch's sparse products")
             dense = sum(layer.out_features * layer.in_features for layer in guests.layers)
-            self.mixed = MixedBatches(guests, self._delta, self._switch, lambda: self.active_key, dense,
-                                      settings.guest_plan_bytes)
+            self.mixed = MixedBatches(guests, self.merged, dense, settings.guest_plan_bytes)
 
     def run(self) -> None:
         try:
             while not self.stop.is_set():
                 if not self.scheduler.wait(0.1):
                     continue
-                picked = self.scheduler.next_batch(self.active_key)
+                picked = self.scheduler.next_batch(self.merged.key)
                 if picked is None:
                     continue
                 key, tickets = picked
@@ -163,18 +89,27 @@ class Worker(threading.Thread):
                 self.mixed.guests.close()  # a restarted engine wraps the layers anew
 
     def _mixable(self, key: tuple, rset: ResolvedSet) -> bool:
-        """MixedBatches.mixable; a set whose delta cannot even be built fails its queued requests (it could not
-        run alone either) and is reported as not mixable."""
+        """Whether rows of this set may share a batch with other sets: the first time, its scatter plan and
+        delta are built and handed to MixedBatches. A set whose delta cannot even be built fails its queued
+        requests (it could not run alone either) and the error is raised."""
         if self.mixed is None:
             return False
+        known = self.mixed.known(key)
+        if known is not None:
+            return known
         try:
-            return self.mixed.mixable(key, rset)
+            plan = self.plan_of(key, rset)
+            delta = self._delta(key, rset, plan)
+        except GuestSetError as e:
+            self.mixed.refuse(key, e)
+            return False
         except Exception as e:
             log.exception("adapter set %s cannot be served", rset.label)
             for ticket in self.scheduler.take(key, self.scheduler.depth_of(key)):
                 ticket.item.fail(request_error(e, rset.label))
             metrics.QUEUE_DEPTH.set(self.scheduler.depth)
             raise
+        return self.mixed.add(key, plan, delta)
 
     def fail_queued(self) -> None:
         """Fails every request still queued (at shutdown)."""
@@ -298,20 +233,12 @@ class Worker(threading.Thread):
             keys.add(key)
         return keys
 
-    def _delta(self, key: tuple, rset: ResolvedSet, negate: bool) -> SetDelta:
+    def _delta(self, key: tuple, rset: ResolvedSet, plan: SwitchPlan) -> SetDelta:
         def build() -> tuple[SetDelta, int]:
-            delta = self.mixed.guests.delta(self.plan_of(key, rset))
+            delta = self.mixed.guests.delta(plan)
             return delta, delta.nbytes
 
-        delta = self.cache.get(("guest", key, False), build, names=rset.names)
-        if not negate:
-            return delta
-
-        def build_negated() -> tuple[SetDelta, int]:
-            negated = delta.negated()  # shares the index arrays with `delta`; only the values are new
-            return negated, negated.value_bytes
-
-        return self.cache.get(("guest", key, True), build_negated, names=rset.names)
+        return self.cache.get(("guest", key), build, names=rset.names)
 
     def plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
         """The set's SwitchPlan, from the cache or built (any thread: the Switcher locks its reads)."""
@@ -320,7 +247,7 @@ class Worker(threading.Thread):
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
         queue_s = start - p.enqueued
         metrics.QUEUE_SECONDS.observe(queue_s)
-        clock = self.switch_clock  # mixed batches switch the host mid-batch; those seconds count too
+        clock = self.merged.clock  # mixed batches switch the host mid-batch; those seconds count too
 
         def done(row: Row) -> None:
             p.finished = True
@@ -329,7 +256,7 @@ class Worker(threading.Thread):
                 return
             if row.finish_reason == "cancelled":
                 return
-            switched = switch_s + self.switch_clock - clock
+            switched = switch_s + self.merged.clock - clock
             timings = Timings(queue_s * 1000, switched * 1000, (time.monotonic() - start) * 1000)
             p.put(GenerationResult(row.text, len(row.prompt_ids), len(row.tokens), row.finish_reason or "stop",
                                    p.rset.used(), timings))
@@ -337,24 +264,8 @@ class Worker(threading.Thread):
         return Row(list(p.request.prompt_ids), p.request.params, on_text=p.put if p.stream else None,
                    on_done=done, cancelled=lambda: p.cancelled, set_key=p.rset.key)
 
-    def _switch(self, key: tuple, rset: ResolvedSet | None) -> float:
-        if key == BASE_KEY:
-            result = self.switcher.revert()
-            self.cache.pin(None)
-        else:
-            result = self.switcher.apply(self.plan_of(key, rset))
-            self.cache.pin(("plan", key))
-        label = rset.label if rset is not None else "base"
-        self.active_key, self.active_label = key, label
-        self.switch_clock += result.seconds
-        if result.kind != "noop":
-            self.switches[result.kind] += 1
-            metrics.SWITCH_SECONDS.labels(result.kind).observe(result.seconds)
-            metrics.ACTIVE_ADAPTER.info({"label": label, "nnz": str(self.switcher.active.nnz
-                                                                         if self.switcher.active else 0)})
-            for part, nbytes in self.switcher.memory().items():
-                metrics.SWITCHER_BYTES.labels(part).set(nbytes)
-        return result.seconds
+    def _switch(self, key: tuple, rset: ResolvedSet) -> float:
+        return self.merged.switch(key, None if key == BASE_KEY else self.plan_of(key, rset))
 
     def _plan(self, rset: ResolvedSet) -> tuple[SwitchPlan, int]:
         items = [(self.cache.adapter(rec), weight) for rec, weight in rset.items]

@@ -60,3 +60,9 @@ class GenerationFailedError(ServiceError):
     """Serving one request raised unexpectedly; that request fails alone."""
 
     status, code = 500, "generation_failed"
+
+
+class EngineUnavailableError(ServiceError):
+    """The engine is starting or shutting down."""
+
+    status, code = 503, "engine_unavailable"

@@ -13,17 +13,18 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
-from shira_core.guest_rows import GuestRows, GuestSetError, SetDelta
+from shira_core.guest_rows import GuestRows, SetDelta
+from shira_core.switcher import SwitchPlan
 
 from . import metrics
 from .batch_generation import Row
+from .merged_set import MergedSet
+from .types import BASE_KEY
 
 log = logging.getLogger(__name__)
-
-BASE_KEY: tuple = ()
 
 # A guest costs about GUEST_ENTRY_COST dense weights' worth of forward-pass time per delta entry (measured
 # while serving on a 2-core CPU, SmolLM2-135M fp32, 8 rows: ~1.8 ns per sparse entry per decode step, ~0.08 ns
@@ -35,50 +36,51 @@ GUEST_ENTRY_COST = 20
 class MixedBatches:
     """Host choice and guest plans for one worker.
 
+    The worker hands it each set it may mix as data (`add`: the set's scatter plan and its delta); it switches
+    the weights through the MergedSet it shares with the worker, and calls nothing above it.
+
     Args:
         guests: the GuestRows bound to the model and the Switcher.
-        delta_for: builds (or fetches from the cache) the SetDelta of a set: delta_for(key, rset, negate).
-        switch: switches the weights to a set key (BASE_KEY: the base); returns seconds spent.
-        active: returns the key of the set in the weights now.
+        merged: the set in the weights, and the switches that change it.
         dense_params: the model's adaptable Linear weights, for the guest-size limit.
         plan_bytes: the most bytes a decode plan may hold. The plan copies every corrected row's deltas, so it
             grows with the batch (16 rows of a 1%-dense adapter on a 1.7B model: ~2 GB); rows that would push it
             past this wait for room (`fits`).
     """
 
-    def __init__(self, guests: GuestRows, delta_for: Callable[[Hashable, Any, bool], SetDelta],
-                 switch: Callable[[Hashable, Any], float], active: Callable[[], Hashable], dense_params: int,
+    def __init__(self, guests: GuestRows, merged: MergedSet, dense_params: int,
                  plan_bytes: int = 256 * 2**20) -> None:
         self.guests = guests
-        self._delta_for, self._switch, self._active = delta_for, switch, active
+        self.merged = merged
         self.max_guest_nnz = dense_params // GUEST_ENTRY_COST
         self.plan_bytes = plan_bytes
         self.peak_plan_bytes = 0
         self._bytes: dict[Hashable, tuple[int, int]] = {BASE_KEY: (0, 0)}  # a set's (entry, row pointer) bytes
-        self._sets: dict[Hashable, Any] = {BASE_KEY: None}
+        self._plans: dict[Hashable, SwitchPlan | None] = {BASE_KEY: None}
         self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}  # relative to the base
         self._negated: dict[Hashable, SetDelta] = {}  # host key -> -d_host
         self._refused: set[Hashable] = set()
         self.host_switches = 0
 
-    def mixable(self, key: Hashable, rset: Any) -> bool:
-        """Whether rows of this set may share a batch with other sets (builds its delta the first time)."""
+    def known(self, key: Hashable) -> bool | None:
+        """Whether rows of this set may share a batch with other sets; None until the set is added or refused."""
         if key in self._deltas:
             return True
-        if key in self._refused:
-            return False
-        try:
-            delta = self._delta_for(key, rset, False)
-        except GuestSetError as e:
-            log.info("set %s runs in batches of its own: %s", key, e)
-            self._refused.add(key)
-            return False
+        return False if key in self._refused else None
+
+    def add(self, key: Hashable, plan: SwitchPlan, delta: SetDelta) -> bool:
+        """Takes a set's scatter plan and delta; False (and refused from then on) when its delta is too large to
+        ride as a guest, so it runs in batches of its own."""
         if delta.nnz > self.max_guest_nnz:
-            self._refused.add(key)
+            self.refuse(key, f"{delta.nnz:,} entries, over the guest limit of {self.max_guest_nnz:,}")
             return False
-        self._sets[key], self._deltas[key] = rset, delta
+        self._plans[key], self._deltas[key] = plan, delta
         self._bytes[key] = (delta.entry_bytes, delta.pointer_bytes)
         return True
+
+    def refuse(self, key: Hashable, reason: Any) -> None:
+        log.info("set %s runs in batches of its own: %s", key, reason)
+        self._refused.add(key)
 
     def fits(self, keys: Sequence[Hashable]) -> bool:
         """Whether rows of these (mixable) sets can decode together within the plan budget under some host."""
@@ -97,15 +99,15 @@ class MixedBatches:
         return entries + (1 if host == BASE_KEY else 2) * pointers * sum(counts.values())
 
     def _hosts(self, counts: Counter) -> set[Hashable]:
-        active = self._active()
+        active = self.merged.key
         return {active, BASE_KEY, *counts} if active in self._deltas else {BASE_KEY, *counts}
 
     def release(self) -> None:
         """Forgets the decode plan and the deltas of sets other than the host's (the adapter cache keeps them)."""
-        wanted = {BASE_KEY, self._active()}
+        wanted = {BASE_KEY, self.merged.key}
         for key in [k for k in self._deltas if k not in wanted]:
             self._deltas.pop(key, None)
-            self._sets.pop(key, None)
+            self._plans.pop(key, None)
             self._bytes.pop(key, None)
         self._negated.clear()
         self.guests.forget_plans()
@@ -114,7 +116,7 @@ class MixedBatches:
     def choose_host(self, rows: Sequence[Row]) -> Hashable:
         """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,
         counting the switch needed to get there, among the hosts whose plan fits the budget."""
-        active = self._active()
+        active = self.merged.key
         counts = Counter(r.set_key for r in rows)
         if len(counts) == 1:
             return next(iter(counts))
@@ -138,8 +140,8 @@ class MixedBatches:
     def decode(self, rows: Sequence[Row]) -> Iterator[None]:
         """Picks the host (switching when it pays) and applies the guests' corrections in the step inside."""
         host = self.choose_host(rows)
-        if host != self._active():
-            self._switch(host, self._sets.get(host))
+        if host != self.merged.key:
+            self.merged.switch(host, self._plans.get(host))
             self.host_switches += 1
         plan = self._plan(rows, host)
         nbytes = plan.nbytes if plan is not None else 0
@@ -155,8 +157,8 @@ class MixedBatches:
         their plan segment is built once, under that host, and the step reuses it. (Prefilling joiners under the
         old host gave their segment the old host's delta; the step then switched and rebuilt every row's.)"""
         host = self.choose_host([*running, *rows])
-        if host != self._active():
-            self._switch(host, self._sets.get(host))
+        if host != self.merged.key:
+            self.merged.switch(host, self._plans.get(host))
             self.host_switches += 1
         with self.guests.active(self._plan(rows, host, running)):
             yield
@@ -183,8 +185,8 @@ class MixedBatches:
         own = () if key == BASE_KEY else (self._deltas[key],)
         if host == BASE_KEY:
             return own
-        if host not in self._negated:
-            self._negated[host] = self._delta_for(host, self._sets[host], True)
+        if host not in self._negated:  # shares the index arrays with the host's delta; only the values are new
+            self._negated[host] = self._deltas[host].negated()
         return (*own, self._negated[host])
 
 

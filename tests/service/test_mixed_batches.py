@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -185,12 +186,12 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
 
     model = tiny_model(len(tokenizer))
     switcher = Switcher(model)
-    active = ["A"]
-    mixed = MixedBatches(GuestRows(model, switcher, native=native), lambda key, rset, negate: SetDelta(key, {}, 1000),
-                         lambda key, rset: 0.0, lambda: active[0], dense_params=10**9)
+    merged = SimpleNamespace(key="A")
+    active = ActiveKey(merged)
+    mixed = MixedBatches(GuestRows(model, switcher, native=native), merged, dense_params=10**9)
     assert mixed.guests.native == native
     keys = ["A", "B", "C", "D", "E", "F", "G"]
-    assert all(mixed.mixable(k, None) for k in keys)
+    assert all(mixed.add(k, None, SetDelta(k, {}, 1000)) for k in keys)
 
     def rows(own: int) -> list:
         sets = ["A"] * own + keys[1 : 1 + 8 - own]
@@ -212,6 +213,16 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
     active[0] = ()
     assert mixed.choose_host(rows(4)) == ()
     assert mixed.choose_host(rows(8)) == "A"
+
+
+class ActiveKey:
+    """`active[0] = key` sets the merged set's key, as the callback-based test wrote it."""
+
+    def __init__(self, merged: SimpleNamespace) -> None:
+        self.merged = merged
+
+    def __setitem__(self, index: int, key) -> None:
+        self.merged.key = key
 
 
 def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
