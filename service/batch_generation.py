@@ -12,7 +12,6 @@ import contextlib
 import functools
 import inspect
 import logging
-import math
 import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -23,6 +22,8 @@ from transformers import DynamicCache
 
 from . import metrics
 from .generation import SamplingParams
+from .row_batch import RowBatch
+from .sampling import sample
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +73,6 @@ class Guests(Protocol):
     def decode(self, rows: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
 
 
-@dataclass
-class _Batch:
-    rows: list[Row]
-    cache: DynamicCache
-    mask: torch.Tensor  # [B, T] 1 for real tokens, 0 for left padding
-    positions: torch.Tensor  # [B] position id of the next input token
-    last: torch.Tensor  # [B] the token each row feeds next
-
-
 class BatchGenerator:
     """Runs batches of rows through one causal LM. Call only from the thread that owns the model.
 
@@ -124,7 +116,7 @@ class BatchGenerator:
         Returns:
             Tokens generated, over all rows.
         """
-        batch: _Batch | None = None
+        batch: RowBatch | None = None
         pending = list(rows)
         produced = 0
         while True:
@@ -150,7 +142,7 @@ class BatchGenerator:
             return False
         return True
 
-    def _join(self, batch: _Batch | None, rows: list[Row], guests: Guests | None) -> tuple[_Batch | None, int]:
+    def _join(self, batch: RowBatch | None, rows: list[Row], guests: Guests | None) -> tuple[RowBatch | None, int]:
         """Prefills `rows` and adds them to the running batch. When a prefill of several rows fails, each is
         prefilled on its own, so only a row that fails alone is dropped."""
         if not rows:
@@ -174,9 +166,9 @@ class BatchGenerator:
                 produced += made
             return batch, produced
         produced = self._advance(joined, tokens)
-        return self._drop_finished(self._merge(batch, joined)), produced
+        return self._drop_finished(batch.merge(joined) if batch else joined), produced
 
-    def _decode(self, batch: _Batch, guests: Guests | None) -> tuple[_Batch | None, int]:
+    def _decode(self, batch: RowBatch, guests: Guests | None) -> tuple[RowBatch | None, int]:
         """One decode step for every row. When it fails, each row steps on its own, so only a row that fails
         alone is dropped."""
         length = batch.cache.get_seq_length()
@@ -193,7 +185,7 @@ class BatchGenerator:
         produced = self._advance(batch, tokens)
         return self._drop_finished(batch), produced
 
-    def _step(self, batch: _Batch, guests: Guests | None) -> list[int]:
+    def _step(self, batch: RowBatch, guests: Guests | None) -> list[int]:
         with guests.decode(batch.rows) if guests else contextlib.nullcontext():
             start = time.perf_counter()
             logits = self.model(
@@ -208,13 +200,12 @@ class BatchGenerator:
             metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)
         return tokens
 
-    def _step_alone(self, batch: _Batch, length: int, guests: Guests | None) -> tuple[_Batch | None, list[int]]:
+    def _step_alone(self, batch: RowBatch, length: int, guests: Guests | None) -> tuple[RowBatch | None, list[int]]:
         """Steps each row of a batch whose step failed on its own; rows that fail again end with their error."""
-        for layer in batch.cache.layers:  # layers the failed pass reached hold one token too many
-            layer.keys, layer.values = layer.keys[..., :length, :], layer.values[..., :length, :]
+        batch.truncate(length)  # layers the failed pass reached hold one token too many
         parts, tokens = [], []
         for i, row in enumerate(batch.rows):
-            part = self._select(batch, slice(i, i + 1))
+            part = batch.select(slice(i, i + 1), self.model.config)
             try:
                 tokens += self._step(part, guests)
             except Exception as e:
@@ -224,15 +215,7 @@ class BatchGenerator:
             parts.append(part)
         if not parts:
             return None, []
-        return functools.reduce(self._merge, parts), tokens
-
-    def _select(self, batch: _Batch, index: slice) -> _Batch:
-        """Some rows of a batch as a batch of their own; the cache rows are views, not copies."""
-        cache = DynamicCache(config=self.model.config)
-        for mine, theirs in zip(cache.layers, batch.cache.layers, strict=True):
-            mine.lazy_initialization(theirs.keys, theirs.values)
-            mine.keys, mine.values = theirs.keys[index], theirs.values[index]
-        return _Batch(batch.rows[index], cache, batch.mask[index], batch.positions[index], batch.last[index])
+        return functools.reduce(RowBatch.merge, parts), tokens
 
     def _fail(self, row: Row, error: BaseException) -> None:
         log.error("a row failed: %s: %s", type(error).__name__, error, exc_info=error)
@@ -248,7 +231,7 @@ class BatchGenerator:
             else:
                 row.generator.seed()
 
-    def _prefill(self, rows: list[Row]) -> tuple[_Batch, torch.Tensor]:
+    def _prefill(self, rows: list[Row]) -> tuple[RowBatch, torch.Tensor]:
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -263,9 +246,9 @@ class BatchGenerator:
             **{self._cache_arg: cache},
         ).logits[:, -1]
         first = sample(logits, rows)
-        return _Batch(rows, cache, mask, positions[:, -1] + 1, first), first
+        return RowBatch(rows, cache, mask, positions[:, -1] + 1, first), first
 
-    def _advance(self, batch: _Batch, tokens: list[int]) -> int:
+    def _advance(self, batch: RowBatch, tokens: list[int]) -> int:
         """Appends each row's new token and settles EOS, length, stop strings and cancellation."""
         for row, token in zip(batch.rows, tokens, strict=True):
             try:
@@ -319,7 +302,7 @@ class BatchGenerator:
             except Exception:
                 log.exception("on_done of a finished row raised; the other rows go on")
 
-    def _drop_finished(self, batch: _Batch) -> _Batch | None:
+    def _drop_finished(self, batch: RowBatch) -> RowBatch | None:
         done = [i for i, r in enumerate(batch.rows) if r.finish_reason is not None]
         if not done:
             return batch
@@ -328,61 +311,8 @@ class BatchGenerator:
         keep = [i for i, r in enumerate(batch.rows) if r.finish_reason is None]
         if not keep:
             return None
-        index = torch.tensor(keep, device=self.device)
-        batch.cache.batch_select_indices(index)
-        batch.rows = [batch.rows[i] for i in keep]
-        batch.mask = batch.mask.index_select(0, index)
-        batch.positions = batch.positions.index_select(0, index)
-        batch.last = batch.last.index_select(0, index)
-        # Columns that are padding for every remaining row are dead weight in each attention step.
-        lead = int(batch.mask.any(dim=0).int().argmax())
-        if lead > 0:
-            _crop_left(batch, lead)
+        batch.keep(keep)
         return batch
-
-    def _merge(self, running: _Batch | None, joined: _Batch) -> _Batch:
-        if running is None:
-            return joined
-        width = max(running.mask.shape[1], joined.mask.shape[1])
-        _pad_left(running, width - running.mask.shape[1])
-        _pad_left(joined, width - joined.mask.shape[1])
-        for mine, theirs in zip(running.cache.layers, joined.cache.layers, strict=True):
-            mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
-            mine.values = torch.cat([mine.values, theirs.values], dim=0)
-        running.rows = running.rows + joined.rows
-        running.mask = torch.cat([running.mask, joined.mask], dim=0)
-        running.positions = torch.cat([running.positions, joined.positions])
-        running.last = torch.cat([running.last, joined.last])
-        return running
-
-
-def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
-    """The next token of each row: greedy rows take the argmax, sampled rows draw from softmax(logits / T) cut to
-    top_p. Never raises on extreme settings: T is floored, the most likely token always survives the top_p cut,
-    and a row whose distribution is unusable (NaN or infinite logits) keeps its argmax."""
-    picked = logits.argmax(dim=-1)
-    sampled = [i for i, r in enumerate(rows) if r.generator is not None]
-    if not sampled:
-        return picked
-    index = torch.tensor(sampled, device=logits.device)
-    temps = [_temperature(rows[i].params.temperature) for i in sampled]
-    scaled = logits.index_select(0, index).float() / torch.tensor(temps, device=logits.device)[:, None]
-    probs = torch.softmax(scaled, dim=-1)
-    top_p = [rows[i].params.top_p for i in sampled]
-    if any(p < 1.0 for p in top_p):
-        ordered, order = probs.sort(dim=-1, descending=True)
-        cut = (ordered.cumsum(-1) - ordered) >= torch.tensor(top_p, device=logits.device)[:, None]
-        cut[:, 0] = False  # a top_p that underflows fp32 would otherwise cut every token
-        probs = torch.zeros_like(probs).scatter_(-1, order, ordered.masked_fill(cut, 0.0))
-    usable = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    for j, i in enumerate(sampled):
-        if usable[j]:
-            picked[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    return picked
-
-
-def _temperature(value: float) -> float:
-    return value if math.isfinite(value) and value > TEMPERATURE_FLOOR else TEMPERATURE_FLOOR
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -394,21 +324,3 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
                 longest = n
                 break
     return longest
-
-
-def _pad_left(batch: _Batch, n: int) -> None:
-    if n <= 0:
-        return
-    for layer in batch.cache.layers:
-        shape = list(layer.keys.shape)
-        shape[-2] = n
-        layer.keys = torch.cat([layer.keys.new_zeros(shape), layer.keys], dim=-2)
-        layer.values = torch.cat([layer.values.new_zeros(shape[:-1] + [layer.values.shape[-1]]), layer.values], dim=-2)
-    batch.mask = torch.cat([batch.mask.new_zeros(batch.mask.shape[0], n), batch.mask], dim=1)
-
-
-def _crop_left(batch: _Batch, n: int) -> None:
-    for layer in batch.cache.layers:
-        layer.keys = layer.keys[:, :, n:]
-        layer.values = layer.values[:, :, n:]
-    batch.mask = batch.mask[:, n:]

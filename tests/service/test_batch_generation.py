@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.batch_generation import BatchGenerator, Row, sample
+from service.batch_generation import BatchGenerator, Row
 from service.generation import SamplingParams
+from service.sampling import sample
 
 PROMPTS = ["Hello", "The capital of France is", "One two three four five six seven", "a b"]
 
