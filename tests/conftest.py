@@ -50,3 +50,10 @@ def build_tiny_llama(
 def tiny_llama() -> Callable[..., torch.nn.Module]:
     """Factory fixture: ``tiny_llama(seed=0, dtype=torch.float32, tie=True, vocab=64, hidden=32, layers=2)``."""
     return build_tiny_llama
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory):
+    """One SHIRA_DATA_DIR for the session: the real model is converted from its GGUF file once (~20 s), and
+    every later load in the session reads the converted copy under data_dir/models (~1 s)."""
+    return tmp_path_factory.mktemp("data")

@@ -63,11 +63,11 @@ class Live:
 
 
 @pytest.fixture(scope="module")
-def live():
+def live(data_dir):
     namespace = f"test-api-{uuid.uuid4().hex[:12]}"
     settings = Settings(
-        _env_file=None, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE, dtype="float32",
-        max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
+        _env_file=None, data_dir=data_dir, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE,
+        dtype="float32", max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
     )
     app = create_app(settings)  # the lifespan connects Redis and loads the real model
     registry = RedisRegistry(connect(REDIS_URL), namespace=namespace)

@@ -238,8 +238,8 @@ def test_validate_upload_maps_core_errors(tiny, tokenizer):
 
 
 @pytest.fixture(scope="module")
-def real():
-    model, tok, source = load_base(None, "cpu", "float32")
+def real(data_dir):
+    model, tok, source = load_base(None, "cpu", "float32", data_dir / "models")
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     client = connect(TEST_REDIS_URL)
     ns = f"test-{uuid.uuid4().hex[:12]}"

@@ -28,9 +28,9 @@ WAIT_S = 60  # a request that is never answered fails here instead of hanging th
 
 
 @pytest.fixture(scope="module")
-def real():
+def real(data_dir):
     """The real model with mixed batches on, three adapters stored, and each request's text in isolation."""
-    model, tok, _ = load_base(None, "cpu", "float32")
+    model, tok, _ = load_base(None, "cpu", "float32", data_dir / "models")
     client = connect(TEST_REDIS_URL)
     registry = RedisRegistry(client, namespace=f"test-{uuid.uuid4().hex[:12]}")
     engine = Engine(Settings(batch_wait_ms=50.0, mixed_batches=True), registry, model=model, tokenizer=tok)

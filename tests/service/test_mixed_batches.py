@@ -135,8 +135,8 @@ def test_a_zero_plan_budget_makes_the_sets_take_turns(tiny_mixed):
 
 
 @pytest.mark.integration
-def test_real_model_mixed_batch_texts_equal_isolated_runs():
-    model, tok, source = load_base(None, "cpu", "float32")
+def test_real_model_mixed_batch_texts_equal_isolated_runs(data_dir):
+    model, tok, source = load_base(None, "cpu", "float32", data_dir / "models")
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     client = connect(TEST_REDIS_URL)
     registry = RedisRegistry(client, namespace=f"test-{uuid.uuid4().hex[:12]}")
