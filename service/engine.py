@@ -38,6 +38,7 @@ from .errors import (
 )
 from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
 from .scheduler import Scheduler
+from .startup import StartupPhases
 from .torch_thread import available_cpus, run_torch
 from .types import Pending, ResolvedSet, resolved_set
 
@@ -76,9 +77,11 @@ class Engine:
     # -- lifecycle -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Loads the model (unless injected), binds the Switcher, starts the worker and the event listener."""
+        """Loads the model (unless injected), binds the Switcher, starts the worker and the event listener.
+        Each phase's seconds are logged at INFO (`shira bench startup` reads them)."""
         if self._worker is not None and self._worker.is_alive():
             return
+        phases = StartupPhases()
         self.threads = self.settings.threads or available_cpus()
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
@@ -89,18 +92,24 @@ class Engine:
                 self.settings.base_model, self.settings.device, self.settings.dtype, self.settings.model_cache_dir
             )
             self.model_label = source.label
+            phases.done("model")
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.device = next(self.model.parameters()).device
         if self.switcher is None:
             self.fingerprint = BaseFingerprint.of(self.model)
+            phases.done("fingerprint")
             self.switcher = Switcher(self.model)
             self.cache = AdapterCache(self.registry, self.fingerprint, self.settings.cache_bytes)
+            phases.done("switcher")
         self._stop.clear()
         generator = BatchGenerator(self.model, self.tokenizer)
         self._worker = Worker(self.scheduler, self.switcher, self.cache, generator, self.settings, self._stop)
+        phases.done("worker")
         self._worker.start()
         self._listener = self.registry.listen(self._on_event, self._stop)
+        phases.done("listener")
+        phases.log("engine")
 
     def stop(self) -> None:
         """Stops the worker after its current batch; queued requests fail with a 503."""

@@ -1,0 +1,25 @@
+"""Timing the start-up path: each phase's seconds, logged on one INFO line that `shira bench startup` parses."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger("shira.startup")
+
+
+class StartupPhases:
+    """Seconds per phase since the previous one: `done(name)` after each phase, `log(what)` at the end."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def log(self, what: str) -> None:
+        parts = " ".join(f"{k}={v:.2f}s" for k, v in self.seconds.items())
+        log.info("startup phases (%s): %s", what, parts)
