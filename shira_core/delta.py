@@ -9,10 +9,30 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import AdapterFormatError, IndexOrderError, IndexRangeError, LengthMismatchError, NonFiniteValueError
+from .errors import (
+    AdapterFormatError,
+    IndexOrderError,
+    IndexRangeError,
+    LengthMismatchError,
+    NonFiniteValueError,
+    UnsupportedDtypeError,
+)
 
 if TYPE_CHECKING:
     from .fingerprint import BaseFingerprint
+
+# The value dtypes every tensor operation here supports; float8 and the like have no isfinite or index_add_.
+VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_value_dtype(dtype: torch.dtype, where: str) -> None:
+    """Raises UnsupportedDtypeError unless `dtype` is one of VALUE_DTYPES; `where` names layer and adapter."""
+    if dtype not in VALUE_DTYPES:
+        accepted = ", ".join(str(d).removeprefix("torch.") for d in VALUE_DTYPES)
+        raise UnsupportedDtypeError(
+            f"values are {str(dtype).removeprefix('torch.')} {where}; accepted value dtypes are {accepted} "
+            "(convert the values, e.g. to bfloat16, before saving)"
+        )
 
 
 def index_dtype_for(numel: int) -> torch.dtype:
@@ -86,6 +106,7 @@ class SparseDelta:
             raise AdapterFormatError(f"indices must be integers, got {self.indices.dtype} {where}")
         if self.values.dtype.is_complex or not self.values.dtype.is_floating_point:
             raise AdapterFormatError(f"values must be floating point, got {self.values.dtype} {where}")
+        check_value_dtype(self.values.dtype, where)
         if self.nnz == 0:
             return
         idx = self.indices.to(torch.int64)

@@ -43,3 +43,11 @@ class FusionError(ShiraError):
 
 class MaskError(ShiraError):
     """A mask request cannot be met (bad density, nothing left after exclusion, unknown kind)."""
+
+
+class UnsupportedDtypeError(ShiraError):
+    """A layer's values are in a dtype the engine does not handle (float8 and the like)."""
+
+
+class NotAdaptableError(ShiraError):
+    """The adapter changes a weight that exists but cannot be switched (not floating point, or under 2-D)."""

@@ -1,6 +1,7 @@
 """A compact fingerprint of a base model, so an adapter built for another model is refused.
 
-The structure part (names and shapes) must match exactly. The value part is a per-tensor probe, the mean
+The structure part (names and shapes) must match exactly, and every adapted weight must be adaptable
+(params.adaptable: floating point, 2 or more dimensions). The value part is a per-tensor probe, the mean
 absolute value over fixed positions, compared with a tolerance: the same checkpoint loaded in fp32, fp16 or
 bf16 must still match, while a different checkpoint of the same architecture must not.
 """
@@ -17,22 +18,12 @@ import torch
 from torch import nn
 
 from .delta import SparseAdapter
-from .errors import BaseModelMismatchError, ShapeMismatchError, UnknownLayerError
+from .errors import BaseModelMismatchError, NotAdaptableError, ShapeMismatchError, UnknownLayerError
+from .metadata import check_fingerprint
+from .params import ADAPTABLE_RULE, adaptable_names, tied_aliases, unique_parameters  # also imported from here
 
 PROBE_POINTS = 256
 PROBE_RTOL = 0.02
-
-
-def unique_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Named parameters with tied ones listed once, under their first name."""
-    seen: set[int] = set()
-    out: dict[str, nn.Parameter] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
-        out[name] = param
-    return out
 
 
 def _probe(tensor: torch.Tensor) -> float:
@@ -46,12 +37,15 @@ class BaseFingerprint:
     """Names, shapes, dtype and value probes of a base model's parameters.
 
     `aliases` maps the other names of tied parameters (lm_head.weight) to the name they are listed under.
+    `adaptable` names the weights an adapter may change; None (a fingerprint built from shapes alone, without
+    dtypes) takes every weight of 2 or more dimensions.
     """
 
     shapes: dict[str, tuple[int, ...]]
     probes: dict[str, float]
     dtype: str
     aliases: dict[str, str] = field(default_factory=dict)
+    adaptable: frozenset[str] | None = None
 
     @classmethod
     def of(cls, model: nn.Module) -> BaseFingerprint:
@@ -59,9 +53,13 @@ class BaseFingerprint:
         shapes = {k: tuple(p.shape) for k, p in params.items()}
         probes = {k: _probe(p) for k, p in params.items()}
         dtypes = sorted({str(p.dtype).replace("torch.", "") for p in params.values()})
-        first = {id(p): k for k, p in params.items()}
-        aliases = {k: first[id(p)] for k, p in model.named_parameters(remove_duplicate=False) if k not in params}
-        return cls(shapes, probes, ",".join(dtypes), aliases)
+        return cls(shapes, probes, ",".join(dtypes), tied_aliases(model), frozenset(adaptable_names(model)))
+
+    def is_adaptable(self, name: str) -> bool:
+        """Whether an adapter may change the weight `name` (its first name, not an alias)."""
+        if self.adaptable is None:
+            return len(self.shapes[name]) >= 2
+        return name in self.adaptable
 
     @property
     def structure_hash(self) -> str:
@@ -99,7 +97,13 @@ class BaseFingerprint:
                     f"shape differs for layer {delta.name} of adapter {adapter.name!r}: adapter says "
                     f"{list(delta.shape)}, base model has {list(self.shapes[name])}"
                 )
-        theirs = adapter.base_fingerprint
+            if not self.is_adaptable(name):
+                raise NotAdaptableError(
+                    f"adapter {adapter.name!r} changes layer {delta.name} of shape {list(self.shapes[name])}, "
+                    f"which cannot be switched: {ADAPTABLE_RULE}; drop that layer from the adapter"
+                )
+        # Set in code rather than read from a file, it has not been through the parser's checks.
+        theirs = check_fingerprint(adapter.base_fingerprint, f"adapter {adapter.name!r}")
         if not theirs:
             return
         if theirs.get("structure") != self.structure_hash:

@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 from .delta import SparseAdapter, SparseDelta
 from .errors import AdapterFormatError
 from .fingerprint import BaseFingerprint
+from .metadata import MAX_HEADER_BYTES, adapter_header, check_description, check_mask, parse_json
 
 FORMAT = "shira-sparse"
 FORMAT_VERSION = "1"
@@ -29,6 +30,7 @@ INT_DTYPES = {torch.int16, torch.int32, torch.int64, torch.uint8, torch.int8}
 
 def adapter_to_bytes(adapter: SparseAdapter) -> bytes:
     """Serialises an adapter to the native safetensors bytes."""
+    check_free_text(adapter)
     tensors: dict[str, torch.Tensor] = {}
     shapes: dict[str, list[int]] = {}
     for delta in adapter:
@@ -45,6 +47,12 @@ def adapter_to_bytes(adapter: SparseAdapter) -> bytes:
     }
     blob = st_save(tensors, metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "shira": json.dumps(header)})
     return _sorted_header(blob)
+
+
+def check_free_text(adapter: SparseAdapter) -> None:
+    """Refuses to write a description or mask that the parsers would refuse to read back."""
+    check_description(adapter.description, f"adapter {adapter.name!r}")
+    check_mask(adapter.mask, f"adapter {adapter.name!r}")
 
 
 def _sorted_header(blob: bytes) -> bytes:
@@ -73,13 +81,20 @@ def read_safetensors_header(data: bytes) -> dict[str, Any]:
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8:
         raise AdapterFormatError(f"not a safetensors file: header claims {size:,} bytes but the file has {len(data):,}")
-    try:
-        header = json.loads(data[8 : 8 + size])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"not a safetensors file: header is not JSON ({e})") from e
+    if size > MAX_HEADER_BYTES:
+        raise AdapterFormatError(f"safetensors header is {size:,} bytes, over the limit of {MAX_HEADER_BYTES:,}")
+    header = parse_json(data[8 : 8 + size], "safetensors header")
     if not isinstance(header, dict):
         raise AdapterFormatError("not a safetensors file: header is not a JSON object")
     return header
+
+
+def header_metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` object of a safetensors header ({} when absent); AdapterFormatError when malformed."""
+    meta = read_safetensors_header(data).get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise AdapterFormatError(f"header field '__metadata__' must be a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 def load_tensors(data: bytes) -> dict[str, torch.Tensor]:
@@ -102,9 +117,7 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
     Returns:
         The validated SparseAdapter, on CPU.
     """
-    meta = read_safetensors_header(data).get("__metadata__") or {}
-    if not isinstance(meta, dict):
-        raise AdapterFormatError(f"header field '__metadata__' must be a JSON object, got {type(meta).__name__}")
+    meta = header_metadata(data)
     if meta.get("format") != FORMAT:
         raise AdapterFormatError(
             f"not a native shira adapter: header format is {meta.get('format')!r}, expected {FORMAT!r} "
@@ -114,22 +127,16 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
         raise AdapterFormatError(
             f"unsupported format_version {meta.get('format_version')!r}, expected {FORMAT_VERSION!r}"
         )
-    try:
-        info = json.loads(meta["shira"])
-        shapes = {str(k): tuple(int(s) for s in v) for k, v in info["shapes"].items()}
-        extra = {str(k): str(v) for k, v in (info.get("extra") or {}).items()}
-        fingerprint = info.get("base_fingerprint")
-        if fingerprint is not None and not isinstance(fingerprint, dict):
-            raise TypeError(f"base_fingerprint must be an object, got {type(fingerprint).__name__}")
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise AdapterFormatError(f"header field 'shira' is missing or malformed: {e!r}") from e
+    if "shira" not in meta:
+        raise AdapterFormatError("header field 'shira' is missing: a native adapter records its layers there")
+    info = adapter_header(meta["shira"], "header field 'shira'")
     tensors = load_tensors(data)
-    expected = {n + s for n in shapes for s in (INDEX_SUFFIX, VALUE_SUFFIX)}
+    expected = {n + s for n in info.shapes for s in (INDEX_SUFFIX, VALUE_SUFFIX)}
     if set(tensors) != expected:
         missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
         raise AdapterFormatError(f"tensors do not match the header: missing {missing[:3]}, unexpected {extra[:3]}")
     deltas = {}
-    for layer, shape in shapes.items():
+    for layer, shape in info.shapes.items():
         idx, vals = tensors[layer + INDEX_SUFFIX], tensors[layer + VALUE_SUFFIX]
         if idx.dtype not in INT_DTYPES or idx.dim() != 1:
             raise AdapterFormatError(
@@ -141,12 +148,12 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
             )
         deltas[layer] = SparseDelta(layer, shape, idx, vals)
     adapter = SparseAdapter(
-        name=name or str(info.get("name") or "adapter"),
+        name=name or info.name or "adapter",
         deltas=deltas,
-        mask=str(info.get("mask") or "unknown"),
-        base_fingerprint=fingerprint,
-        description=str(info.get("description") or ""),
-        extra=extra,
+        mask=info.mask or "unknown",
+        base_fingerprint=info.base_fingerprint,
+        description=info.description or "",
+        extra=info.extra,
     )
     adapter.validate(base)
     return adapter

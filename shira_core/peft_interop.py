@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as st_save
 
-from .delta import SparseAdapter, SparseDelta
+from .delta import SparseAdapter, SparseDelta, check_value_dtype
 from .errors import (
     AdapterFormatError,
     IndexRangeError,
@@ -35,7 +35,8 @@ from .errors import (
     UnknownLayerError,
 )
 from .fingerprint import BaseFingerprint
-from .io import load_tensors, read_safetensors_header
+from .io import check_free_text, header_metadata, load_tensors
+from .metadata import AdapterHeader, adapter_header, check_peft_config, parse_json
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,23 +44,18 @@ PREFIX = "base_model.model."
 INDEX_KEY = ".shira_indices"
 WEIGHT_KEY = ".shira_weight"
 META_KEY = "shira"
+# PEFT saves indices as int32, or float32 on Windows; these are the dtypes that hold (row, col) pairs.
+INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16, torch.float32,
+                torch.float64)
 
 
 def _config(config_json: bytes) -> dict[str, Any]:
-    try:
-        config = json.loads(config_json)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AdapterFormatError(f"{CONFIG_FILE} is not JSON: {e}") from e
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{CONFIG_FILE} must hold a JSON object")
+    config = check_peft_config(parse_json(config_json, CONFIG_FILE), CONFIG_FILE)
     if config.get("peft_type") != "SHIRA":
         raise AdapterFormatError(
             f"{CONFIG_FILE} has peft_type {config.get('peft_type')!r}; only SHIRA adapters can be imported "
             "(other PEFT methods such as LoRA are not sparse deltas)"
         )
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-        raise AdapterFormatError(f"{CONFIG_FILE} must give r as a positive integer, got {r!r}")
     if config.get("fan_in_fan_out"):
         raise AdapterFormatError(
             f"{CONFIG_FILE} sets fan_in_fan_out=true: PEFT SHiRA only adapts nn.Linear weights stored as "
@@ -69,22 +65,18 @@ def _config(config_json: bytes) -> dict[str, Any]:
     return config
 
 
-def _header_info(safetensors: bytes) -> dict[str, Any]:
-    meta = read_safetensors_header(safetensors).get("__metadata__") or {}
+def _header_info(safetensors: bytes) -> AdapterHeader | None:
+    """The metadata save_peft_adapter writes into the header, or None for files PEFT wrote."""
+    meta = header_metadata(safetensors)
     if META_KEY not in meta:
-        return {}
-    try:
-        info = json.loads(meta[META_KEY])
-        info["shapes"] = {str(k): tuple(int(s) for s in v) for k, v in info["shapes"].items()}
-        info["nnz"] = {str(k): int(v) for k, v in (info.get("nnz") or {}).items()}
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise AdapterFormatError(f"safetensors header field {META_KEY!r} is malformed: {e}") from e
-    return info
+        return None
+    return adapter_header(meta[META_KEY], f"{WEIGHTS_FILE} header field {META_KEY!r}", with_nnz=True)
 
 
 def peft_records_shapes(safetensors: bytes) -> bool:
     """True when the file carries weight shapes (written by save_peft_adapter), so no base model is needed."""
-    return bool(_header_info(safetensors).get("shapes"))
+    info = _header_info(safetensors)
+    return info is not None and bool(info.shapes)
 
 
 def _pairs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -118,6 +110,7 @@ def _delta(layer: str, shape: tuple[int, ...], idx: torch.Tensor, w: torch.Tenso
         raise AdapterFormatError(f"shira_indices must be [2, n] (row, col pairs), not {list(idx.shape)} {where}")
     if w.dim() != 1 or not w.dtype.is_floating_point:
         raise AdapterFormatError(f"shira_weight must be 1-D float, got {w.dtype} {list(w.shape)} {where}")
+    check_value_dtype(w.dtype, where)  # before any arithmetic: float8 has no index_add_
     if idx.shape[1] != w.numel():
         raise LengthMismatchError(f"indices and weights differ: {idx.shape[1]:,} vs {w.numel():,} {where}")
     if len(shape) != 2:
@@ -129,11 +122,10 @@ def _delta(layer: str, shape: tuple[int, ...], idx: torch.Tensor, w: torch.Tenso
             f"{r}*{in_f + out_f} = {r * (in_f + out_f):,} {where}: the adapter was made for a weight of "
             "another shape, or r is wrong"
         )
-    if idx.dtype.is_floating_point:  # PEFT saves indices as float32 on Windows
-        if not bool((idx == idx.round()).all()):
-            raise AdapterFormatError(f"shira_indices holds non-integer values {where}")
-    elif idx.dtype in (torch.bool, torch.uint8) or idx.dtype.is_complex:
-        raise AdapterFormatError(f"shira_indices must be integers, got {idx.dtype} {where}")
+    if idx.dtype not in INDEX_DTYPES:
+        raise AdapterFormatError(f"shira_indices must be signed integers, got {idx.dtype} {where}")
+    if idx.dtype.is_floating_point and not bool((idx == idx.round()).all()):
+        raise AdapterFormatError(f"shira_indices holds non-integer values {where}")
     rows, cols = idx[0].to(torch.int64), idx[1].to(torch.int64)
     for axis, vec, size in (("row", rows, out_f), ("column", cols, in_f)):
         if vec.numel() and (int(vec.min()) < 0 or int(vec.max()) >= size):
@@ -169,10 +161,10 @@ def peft_from_bytes(
         peft_target_modules and peft_base_model_name_or_path.
     """
     config = _config(config_json)
-    info = _header_info(safetensors)
+    info = _header_info(safetensors) or AdapterHeader(shapes={})
     pairs = _pairs(load_tensors(safetensors))
-    label = name or str(info.get("name") or "peft-adapter")
-    shapes: dict[str, tuple[int, ...]] = info.get("shapes") or {}
+    label = name or info.name or "peft-adapter"
+    shapes = info.shapes
     deltas = {}
     for module, (idx, w) in pairs.items():
         layer = module + ".weight"
@@ -187,19 +179,20 @@ def peft_from_bytes(
                 f"adapter {label!r} targets {layer}, which the base model does not have "
                 f"({len(base.shapes)} parameters, e.g. {next(iter(base.shapes))})"
             )
-        keep = info["nnz"].get(layer) if info else None
-        deltas[layer] = _delta(layer, tuple(shape), idx, w, config["r"], keep, label)
-    extra = {str(k): str(v) for k, v in (info.get("extra") or {}).items()}
+        deltas[layer] = _delta(layer, tuple(shape), idx, w, config["r"], info.nnz.get(layer), label)
+    targets = config.get("target_modules") or []
+    extra = dict(info.extra)
     extra["peft_r"] = str(config["r"])
-    extra["peft_target_modules"] = json.dumps(sorted(config.get("target_modules") or []))
+    # A string is one regex over module names; a list names modules.
+    extra["peft_target_modules"] = json.dumps(targets if isinstance(targets, str) else sorted(targets))
     if config.get("base_model_name_or_path"):
-        extra["peft_base_model_name_or_path"] = str(config["base_model_name_or_path"])
+        extra["peft_base_model_name_or_path"] = config["base_model_name_or_path"]
     adapter = SparseAdapter(
         name=label,
         deltas=deltas,
-        mask=str(info.get("mask") or "peft"),
-        base_fingerprint=info.get("base_fingerprint"),
-        description=str(info.get("description") or f"imported from PEFT SHiRA (r={config['r']})"),
+        mask=info.mask or "peft",
+        base_fingerprint=info.base_fingerprint,
+        description=info.description or f"imported from PEFT SHiRA (r={config['r']})",
         extra=extra,
     )
     adapter.validate(base)
@@ -219,7 +212,8 @@ def load_peft_adapter(
             bin_only = needed == WEIGHTS_FILE and (directory / "adapter_model.bin").exists()
             raise AdapterFormatError(f"{directory} has no {needed}{hint if bin_only else ''}")
     safetensors = (directory / WEIGHTS_FILE).read_bytes()
-    fallback = None if name or _header_info(safetensors).get("name") else directory.name
+    info = _header_info(safetensors)
+    fallback = None if name or (info is not None and info.name) else directory.name
     return peft_from_bytes((directory / CONFIG_FILE).read_bytes(), safetensors, base, name or fallback)
 
 
@@ -274,6 +268,7 @@ def peft_to_bytes(adapter: SparseAdapter, base_model_name_or_path: str | None = 
         (adapter_config.json bytes, adapter_model.safetensors bytes).
     """
     adapter.validate()
+    check_free_text(adapter)
     if not len(adapter):
         raise AdapterFormatError(f"adapter {adapter.name!r} has no layers; PEFT needs a target module")
     r = peft_rank(adapter)

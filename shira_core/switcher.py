@@ -20,7 +20,7 @@ from torch import nn
 
 from .delta import SparseAdapter
 from .errors import FusionError, IndexRangeError, NonFiniteValueError, ShapeMismatchError, UnknownLayerError
-from .fingerprint import unique_parameters
+from .params import adaptable, tied_aliases, unique_parameters
 
 ALIGN = 64  # elements; keeps every weight view cache-line aligned inside the flat buffer
 
@@ -100,9 +100,9 @@ class Switcher:
         self._lock = threading.RLock()
         self._active: SwitchPlan | None = None
         params = unique_parameters(model)
-        aliases = self._aliases(model)
+        aliases = tied_aliases(model)
         if names is None:
-            chosen = [n for n, p in params.items() if p.dtype.is_floating_point and p.dim() >= 2]
+            chosen = [n for n, p in params.items() if adaptable(p)]
         else:
             chosen = list(dict.fromkeys(aliases.get(n, n) for n in names))  # a tied weight is bound once
             unknown = [n for n in chosen if n not in params]
@@ -119,17 +119,6 @@ class Switcher:
         for alias, target in aliases.items():
             if target in self._slots:
                 self._slots[alias] = self._slots[target]
-
-    @staticmethod
-    def _aliases(model: nn.Module) -> dict[str, str]:
-        first: dict[int, str] = {}
-        out: dict[str, str] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
-            if id(param) in first:
-                out[name] = first[id(param)]
-            else:
-                first[id(param)] = name
-        return out
 
     @torch.no_grad()
     def _bind(self, chosen: list[str], params: dict[str, nn.Parameter]) -> None:
