@@ -7,12 +7,14 @@ becomes a file path, and nothing is unpickled: both accepted formats are safeten
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
@@ -29,6 +31,9 @@ from .errors import (
 BASE_MODEL_ID = "base"  # reserved: names the base model in /v1 and cannot be an adapter name
 FILE_FIELDS = ("file", "adapter_model", "adapter_config")
 MAX_TEXT_FIELD_BYTES = 64 * 1024
+MAX_DESCRIPTION_CHARS = 4096  # = shira_core.metadata.MAX_DESCRIPTION_CHARS (not imported: that imports torch)
+MAX_VERSION = 2**31 - 1
+_DIGITS = re.compile(r"[0-9]+")  # ASCII only: str.isdigit() also takes "²", which int() refuses
 
 
 @dataclass
@@ -49,13 +54,32 @@ def check_name(name: str) -> str:
 
 
 def split_version(spec: str) -> tuple[str, int | None]:
-    """'boolq@3' -> ('boolq', 3); 'boolq' -> ('boolq', None)."""
+    """'boolq@3' -> ('boolq', 3); 'boolq' -> ('boolq', None). The name is not checked here (check_name)."""
     name, sep, version = spec.partition("@")
     if not sep:
         return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise InvalidRequestError(f"version in {spec[:80]!r} must be a positive integer, as in {name}@3")
+    # The length check comes first: int() of a few thousand digits is slow, then refused with ValueError.
+    if not _DIGITS.fullmatch(version) or len(version) > 10 or not 1 <= int(version) <= MAX_VERSION:
+        raise InvalidRequestError(
+            f"version in {spec[:80]!r} must be an integer from 1 to {MAX_VERSION}, as in {name[:64]}@3"
+        )
     return name, int(version)
+
+
+def check_ref(spec: str) -> tuple[str, int | None]:
+    """'boolq' or 'boolq@3' -> (name, version), both checked: every route reads adapter names through this."""
+    name, version = split_version(spec)
+    return check_name(name), version
+
+
+def check_description(description: str | None) -> str | None:
+    """The description of an upload, refused (422) over MAX_DESCRIPTION_CHARS characters."""
+    if description is not None and len(description) > MAX_DESCRIPTION_CHARS:
+        raise RequestValidationError([{
+            "loc": ("body", "description"), "type": "string_too_long",
+            "msg": f"description is {len(description):,} characters, the limit is {MAX_DESCRIPTION_CHARS:,}",
+        }])
+    return description
 
 
 async def _limited(request: Request, limit: int) -> AsyncIterator[bytes]:
@@ -75,11 +99,12 @@ async def read_upload_form(request: Request, limit: int) -> UploadForm:
     """
     length = request.headers.get("content-length")
     if length is not None:
-        if not length.isdigit():
-            raise MalformedUploadError(f"Content-Length {length[:40]!r} is not a number")
-        if int(length) > limit:
+        if not _DIGITS.fullmatch(length):
+            raise MalformedUploadError(f"Content-Length {length[:40]!r} is not a number of bytes")
+        if len(length) > 18 or int(length) > limit:
+            shown = f"{int(length):,}" if len(length) <= 18 else f"a {len(length)}-digit number of"
             raise PayloadTooLargeError(
-                f"upload body is {int(length):,} bytes, over the limit of {limit:,} (SHIRA_MAX_UPLOAD_BYTES)"
+                f"upload body is {shown} bytes, over the limit of {limit:,} (SHIRA_MAX_UPLOAD_BYTES)"
             )
     content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
@@ -110,6 +135,7 @@ async def read_upload_form(request: Request, limit: int) -> UploadForm:
         description = fields.get("description")
         if description is not None and not isinstance(description, str):
             raise MalformedUploadError("form field 'description' must be text, not a file")
+        check_description(description)
         files = {}
         for key in FILE_FIELDS:
             value = fields.get(key)
@@ -184,6 +210,7 @@ def upload_adapter(
     from shira_core.io import adapter_to_bytes
 
     check_name(name)
+    check_description(description)
     if "file" in files and ("adapter_model" in files or "adapter_config" in files):
         raise MalformedUploadError("send either 'file' (native) or 'adapter_model' + 'adapter_config' (PEFT), not both")
     if "file" in files:
@@ -226,8 +253,7 @@ def list_adapters(registry: Any, offset: int, limit: int) -> tuple[list[Any], in
 
 def describe_adapter(registry: Any, spec: str) -> tuple[Any, list[Any]]:
     """The record for 'name' (latest) or 'name@3', plus every version of that name."""
-    name, version = split_version(spec)
-    check_name(name)
+    name, version = check_ref(spec)
     record = registry.record(name, version)
     return record, registry.versions(name)
 

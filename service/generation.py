@@ -8,13 +8,14 @@ from typing import Any
 
 from .errors import InvalidRequestError
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# Always used with fullmatch: with match, "$" also matches before a trailing newline ("evil\n").
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 MERGES = ("linear", "ties")
 
 
 def check_name(name: str) -> str:
     """Returns the name if it is a valid adapter name; raises InvalidRequestError naming the rule otherwise."""
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         shown = name[:80] if isinstance(name, str) else name
         raise InvalidRequestError(
             f"adapter name {shown!r} is invalid: use 1-64 characters from a-z, 0-9, '.', '_' and '-', "

@@ -112,7 +112,30 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
     app.add_middleware(RequestMetricsMiddleware)
     for module in (adapters, generate, openai, health):
         app.include_router(module.router)
+    _document_stream_events(app)
     return app
+
+
+def _document_stream_events(app: FastAPI) -> None:
+    """Adds the models of the server-sent events (protocol.sse_content) to the OpenAPI components: FastAPI
+    only collects the models of JSON answers."""
+    from pydantic.json_schema import models_json_schema
+
+    from .protocol import STREAM_EVENT_MODELS
+
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = build()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        if not all(m.__name__ in schemas for m in STREAM_EVENT_MODELS):
+            _, defs = models_json_schema([(m, "serialization") for m in STREAM_EVENT_MODELS],
+                                         ref_template="#/components/schemas/{model}")
+            for name, schema in defs.get("$defs", {}).items():
+                schemas.setdefault(name, schema)
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def run(host: str | None = None, port: int | None = None) -> None:

@@ -23,7 +23,23 @@ SWITCHER_BYTES = Gauge(
 GUEST_PLAN_BYTES = Gauge(
     "shira_guest_plan_bytes", "Bytes of the running mixed batch's decode plan (a copy of each guest row's delta)."
 )
-REQUESTS = Counter("shira_requests_total", "Generation requests by adapter set and HTTP status.", ["adapter", "status"])
+REQUESTS = Counter(
+    "shira_requests_total",
+    "Generation requests by HTTP status and adapter: the adapter's name for one adapter, 'base', 'set' for a "
+    "weighted set of two or more, 'unresolved' when refused before the set was resolved.",
+    ["adapter", "status"],
+)
+ADAPTER_REQUESTS = Counter(
+    "shira_adapter_requests_total",
+    "Generation requests whose adapter set was resolved, once per adapter named in the set (sets included).",
+    ["adapter"],
+)
+PENDING_CHUNKS = Gauge(
+    "shira_registry_pending_chunks",
+    "Chunks of uploads not (yet) committed in the registry, counted at each scrape (up to a bound); chunks of "
+    "abandoned uploads stay until their TTL.",
+)
+PENDING_BYTES = Gauge("shira_registry_pending_bytes", "Bytes of the chunks in shira_registry_pending_chunks.")
 QUEUE_SECONDS = Histogram("shira_queue_seconds", "Time a request waited before its batch started.")
 GENERATE_SECONDS = Histogram("shira_generate_seconds", "Time spent generating for one batch.")
 GENERATED_TOKENS = Counter("shira_generated_tokens_total", "Tokens generated.")

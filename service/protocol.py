@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API, native and OpenAI-compatible, in one place.
 
-Static limits live in the field constraints; limits that depend on Settings (max_new_tokens, adapters per
-request) are checked in service.adapter_service.check_limits so they answer with the same 422 shape.
+Static limits live in the field constraints, so the OpenAPI schema states them; limits that depend on Settings
+(max_new_tokens, adapters per request) are checked in service.api.requests and answer with the same 422 shape.
 """
 
 from __future__ import annotations
@@ -11,12 +11,50 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MergeKind = Literal["linear", "ties"]
+MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow; 0 is greedy
+MAX_STOP_STRINGS = 16
+
+
+# The validators below give the messages; these schema parts say the same rules in the OpenAPI document.
+_NOT_TINY_TEMPERATURE = {"not": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": MIN_TEMPERATURE}}
+_STOP_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP_STRINGS},
+    {"type": "null"},
+]}
+_PROMPT_SCHEMA = {"anyOf": [
+    {"type": "string", "minLength": 1},
+    {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 1},
+]}
+
+
+def _check_temperature(value: float | None) -> float | None:
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {value}")
+    return value
+
+
+def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
+    stops = [value] if isinstance(value, str) else (value or [])
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise ValueError("stop strings must not be empty")
+    return value
+
+
+def _stop_field() -> Any:
+    return Field(None, description=f"Stop strings (at most {MAX_STOP_STRINGS}, none empty); the text ends before "
+                 "them.", json_schema_extra=_STOP_SCHEMA)
 
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="Machine-readable error code, e.g. adapter_not_found.")
     message: str = Field(description="What went wrong and what to change.")
     type: str = Field(description="Same as code; OpenAI clients read this field.")
+    details: list[dict[str, Any]] | None = Field(
+        None, description="validation_error only: one {loc, msg, type} per refused field."
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -86,24 +124,34 @@ class ChatMessage(BaseModel):
 
 
 class AdapterWeight(BaseModel):
-    name: str = Field(description="Adapter name, optionally pinned to a version: boolq or boolq@3.")
+    name: str = Field(min_length=1, description="Adapter name, optionally pinned to a version: boolq or boolq@3.")
     weight: float = Field(1.0, allow_inf_nan=False, ge=-100, le=100)
 
 
 class GenerateBody(BaseModel):
     """POST /generate. Give either `prompt` or `messages`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"oneOf": [
+        {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+        {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+    ]})
 
-    prompt: str | None = Field(None, description="Plain text prompt, tokenised as is.")
-    messages: list[ChatMessage] | None = Field(None, description="Chat messages; the chat template is applied.")
+    prompt: str | None = Field(None, min_length=1, description="Plain text prompt, tokenised as is.")
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="Chat messages; the chat template is applied."
+    )
     max_new_tokens: int | None = Field(None, ge=1, description="Default: SHIRA_DEFAULT_MAX_NEW_TOKENS.")
-    temperature: float = Field(0.0, ge=0.0, le=5.0, allow_inf_nan=False, description="0 means greedy.")
+    temperature: float = Field(
+        0.0, ge=0.0, le=5.0, allow_inf_nan=False, json_schema_extra=_NOT_TINY_TEMPERATURE,
+        description=f"0 means greedy; otherwise at least {MIN_TEMPERATURE}.",
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = Field(None, description="Stop strings; the text ends before them.")
+    stop: str | list[str] | None = _stop_field()
     stream: bool = Field(False, description="Stream server-sent events: one per text delta, then the result.")
-    adapters: list[AdapterWeight] | None = Field(None, description="Weighted set; or use ?adapter= / ?adapters=.")
+    adapters: list[AdapterWeight] | None = Field(
+        None, description="Weighted set; or use ?adapter= / ?adapters=. Empty or left out: the base model."
+    )
     merge: MergeKind | None = Field(None, description="How weighted sets are fused (default linear).")
 
     @model_validator(mode="after")
@@ -112,10 +160,8 @@ class GenerateBody(BaseModel):
             raise ValueError("give exactly one of 'prompt' or 'messages'")
         return self
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        return _check_stop(value)
+    _temperature = field_validator("temperature")(_check_temperature)
+    _stop = field_validator("stop")(_check_stop)
 
 
 class TimingsOut(BaseModel):
@@ -165,30 +211,40 @@ class _OpenAISampling(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str = Field(description="An adapter (boolq, boolq@2), 'base', or a weighted set boolq:0.6+piqa:0.4.")
+    model: str = Field(
+        min_length=1,
+        description="An adapter (boolq, boolq@2), 'base' (or the model's label), or a weighted set "
+        "boolq:0.6+piqa:0.4. A set that names no adapter (such as '+') is refused.",
+    )
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0.0, le=2.0, allow_inf_nan=False, description="Default 1.")
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, allow_inf_nan=False, json_schema_extra=_NOT_TINY_TEMPERATURE,
+        description=f"Default 1; 0 means greedy, otherwise at least {MIN_TEMPERATURE}.",
+    )
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = _stop_field()
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="Only n=1 is supported.")
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, value: str | list[str] | None) -> str | list[str] | None:
-        return _check_stop(value)
+    _temperature = field_validator("temperature")(_check_temperature)
+    _stop = field_validator("stop")(_check_stop)
 
 
 class CompletionBody(_OpenAISampling):
-    prompt: str | list[str] = Field(description="A string, or a list holding exactly one string.")
+    prompt: str | list[str] = Field(
+        description="A non-empty string, or a list holding exactly one (one prompt per request).",
+        json_schema_extra=_PROMPT_SCHEMA,
+    )
 
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and len(value) != 1:
             raise ValueError(f"exactly one prompt per request is supported, got {len(value)}")
+        if not (value if isinstance(value, str) else value[0]):
+            raise ValueError("the prompt is empty; send at least one character")
         return value
 
     def prompt_text(self) -> str:
@@ -243,10 +299,62 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
-    stops = [value] if isinstance(value, str) else (value or [])
-    if len(stops) > 16:
-        raise ValueError(f"at most 16 stop strings, got {len(stops)}")
-    if any(not s for s in stops):
-        raise ValueError("stop strings must not be empty")
-    return value
+
+# --- server-sent events ---------------------------------------------------------------------------------
+
+
+class GenerateDelta(BaseModel):
+    """POST /generate with stream=true: one event per piece of text."""
+
+    type: Literal["delta"]
+    text: str
+
+
+class GenerateResult(GenerateResponse):
+    """POST /generate with stream=true: the last event before [DONE], the JSON answer's fields."""
+
+    type: Literal["result"]
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One streamed chat event; the usage event (stream_options.include_usage) has no choices."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+# Models the event schemas below refer to; service.main adds them to the document's components.
+STREAM_EVENT_MODELS = (GenerateDelta, GenerateResult, CompletionResponse, ChatCompletionChunk, ErrorResponse)
+
+
+def sse_content(*events: type[BaseModel]) -> dict[str, Any]:
+    """The text/event-stream entry of a 200 answer: each event's data is one of `events` as JSON, an
+    ErrorResponse when generation fails after the stream started, or the final "[DONE]"."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (*events, ErrorResponse)]}
+    event = {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"type": "string", "anyOf": [
+                {"const": "[DONE]"},
+                {"contentMediaType": "application/json", "contentSchema": payload},
+            ]},
+        },
+    }
+    return {"text/event-stream": {"schema": event}}

@@ -51,6 +51,11 @@ PENDING_TTL_S = 3600  # an upload slower than this must start again
 READ_BATCH = 4  # chunks per pipeline when reading: bounds the reply buffer at 4 x chunk_bytes
 COMMIT_ATTEMPTS = 3
 MAX_LIST_LIMIT = 1000
+MAX_LIST_OFFSET = 2**31 - 1  # Redis refuses ZRANGE ranges past a signed 64-bit end; no registry holds this many
+PENDING_SCAN_KEYS = 10_000  # pending() counts at most this many chunks...
+PENDING_SCAN_CALLS = 100  # ...in at most this many SCAN round trips
+# What clients read when Redis fails: the address and the cause are for the server log only.
+UNAVAILABLE = "the adapter registry is unavailable; retry shortly (the server log names the cause)"
 
 
 class RegistryIntegrityError(ServiceError):
@@ -60,19 +65,23 @@ class RegistryIntegrityError(ServiceError):
 
 
 def _guarded(method: Callable) -> Callable:
-    """Turns every Redis failure into RegistryUnavailableError naming the server."""
+    """Turns every Redis failure into RegistryUnavailableError; the server's address goes to the log only."""
 
     @functools.wraps(method)
     def wrapper(self: RedisRegistry, *args: Any, **kwargs: Any) -> Any:
         try:
             return method(self, *args, **kwargs)
         except redis.RedisError as e:
-            raise RegistryUnavailableError(
-                f"adapter registry at {self.where} is unavailable ({type(e).__name__}: {e}); "
-                "check that Redis is running and SHIRA_REDIS_URL points to it"
-            ) from e
+            log.warning("adapter registry at %s failed in %s (%s: %s); check that Redis is running and "
+                        "SHIRA_REDIS_URL points to it", self.where, method.__name__, type(e).__name__, e)
+            raise RegistryUnavailableError(UNAVAILABLE) from e
 
     return wrapper
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal inside a Redis MATCH pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
 class RedisRegistry:
@@ -156,9 +165,12 @@ class RedisRegistry:
             self._drop_pending(upload, written)
             rewrite = True
             log.info("adapter %s: chunk %s vanished before commit; uploading again", name, result[1].decode())
+        log.warning("adapter %s: could not commit to the registry at %s after %d attempts; its chunks "
+                    "vanished before each commit (expired after %d s, deleted, or evicted by Redis)",
+                    name, self.where, COMMIT_ATTEMPTS, self.pending_ttl_s)
         raise RegistryUnavailableError(
-            f"adapter {name!r}: could not commit after {COMMIT_ATTEMPTS} attempts at {self.where}; "
-            f"pending chunks expired or were deleted (pending TTL {self.pending_ttl_s} s)"
+            f"adapter {name!r}: could not commit after {COMMIT_ATTEMPTS} attempts, its chunks vanished before "
+            "each commit; retry shortly (the server log names the cause)"
         )
 
     def chunk_shas(self, data: bytes) -> builtins.list[str]:
@@ -234,8 +246,8 @@ class RedisRegistry:
     def delete(self, name: str) -> builtins.list[int]:
         """Removes every version of ``name`` and the blobs nobody else uses; publishes a ``delete`` event.
 
-        The version counter goes too, so a later upload of the name starts again at version 1
-        (its sha256 differs, which is why caches compare ``stamp``, not the version alone).
+        The version counter (``seq:<name>``) stays, so a later upload of the name continues from the last
+        version: versions of a name are never reused, and ``name@3`` never means two different adapters.
 
         Returns:
             The versions removed.
@@ -295,9 +307,10 @@ class RedisRegistry:
     @_guarded
     def list(self, offset: int = 0, limit: int = 50) -> tuple[builtins.list[AdapterRecord], int]:
         """The latest version of each name, sorted by name, and the total number of names."""
-        if offset < 0 or not 1 <= limit <= MAX_LIST_LIMIT:
+        if not 0 <= offset <= MAX_LIST_OFFSET or not 1 <= limit <= MAX_LIST_LIMIT:
             raise InvalidRequestError(
-                f"need offset >= 0 and 1 <= limit <= {MAX_LIST_LIMIT}, got offset={offset}, limit={limit}"
+                f"need 0 <= offset <= {MAX_LIST_OFFSET} and 1 <= limit <= {MAX_LIST_LIMIT}, "
+                f"got offset={offset}, limit={limit}"
             )
         pipe = self.client.pipeline(transaction=False)
         pipe.zcard(self.prefix + "names")
@@ -333,6 +346,38 @@ class RedisRegistry:
         check_name(name)
         stamp = self._stamp(args=[self.prefix, name, "" if version is None else int(version)])
         return None if stamp is None else stamp.decode()
+
+    @_guarded
+    def pending(
+        self, max_keys: int = PENDING_SCAN_KEYS, max_calls: int = PENDING_SCAN_CALLS
+    ) -> tuple[int, int, bool]:
+        """Chunks of uncommitted uploads under this namespace: a bounded SCAN, for the metrics scrape.
+
+        An upload whose server died before the commit leaves its chunks until ``pending_ttl_s`` expires them.
+
+        Args:
+            max_keys: stop after counting this many chunks.
+            max_calls: stop after this many SCAN round trips (SCAN walks the whole database, not only ours).
+
+        Returns:
+            (chunks, bytes, complete): complete is False when a bound stopped the count early.
+        """
+        match = _glob_escape(self.prefix) + "pending:*"
+        cursor, chunks, size = 0, 0, 0
+        for _ in range(max_calls):
+            cursor, found = self.client.scan(cursor, match=match, count=1000)
+            keys = found[: max_keys - chunks]
+            if keys:
+                pipe = self.client.pipeline(transaction=False)
+                for key in keys:
+                    pipe.strlen(key)
+                size += sum(pipe.execute())  # an expired key reads as 0
+                chunks += len(keys)
+            if len(keys) < len(found):
+                break
+            if int(cursor) == 0:
+                return chunks, size, True
+        return chunks, size, False
 
     def ping(self) -> bool:
         """True when Redis answers; False (never an exception) when it does not, for health checks."""

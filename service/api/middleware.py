@@ -15,7 +15,8 @@ UNRESOLVED = "unresolved"  # label for requests that failed before their adapter
 
 
 class RequestMetricsMiddleware:
-    """Counts generation requests by adapter set and the status actually sent (499: client went away)."""
+    """Counts generation requests by the status actually sent (499: client went away) and a bounded adapter
+    label (service.api.requests.metric_label; UNRESOLVED before the set was resolved)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -66,8 +67,9 @@ class BodyLimitMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._too_large(send, f"{int(length):,}")
+        # bytes.isdigit() is ASCII only; the length bound keeps int() off a header of thousands of digits
+        if length is not None and length.isdigit() and (len(length) > 18 or int(length) > self.limit):
+            await self._too_large(send, f"{int(length):,}" if len(length) <= 18 else f"a {len(length)}-digit")
             return
         chunks: list[bytes] = []
         total = 0

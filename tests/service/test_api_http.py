@@ -7,6 +7,7 @@ base) is tested against the real Engine in tests/integration/test_server.py.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 
@@ -265,21 +266,28 @@ def test_openai_client_against_the_app(client, tiny):
         oai.completions.create(model="a", prompt="x", max_tokens=1000)
 
 
-def test_unreachable_registry_is_503_and_unexpected_errors_are_500(tiny, registry):
+def test_unreachable_registry_is_503_and_unexpected_errors_are_500(tiny, registry, caplog):
     from service.embedded_redis import connect
     from service.registry import RedisRegistry
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
-        dead_url = f"redis://127.0.0.1:{s.getsockname()[1]}/0"
+        port = s.getsockname()[1]
+        dead_url = f"redis://127.0.0.1:{port}/0"
     dead = RedisRegistry(connect(dead_url, connect_timeout=0.5), namespace="nowhere")
     test_client, engine = make_client(tiny, dead)
-    with test_client as client:
+    with test_client as client, caplog.at_level(logging.WARNING, logger="service.registry"):
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json() == {"status": "not_ready", "model": True, "registry": False}
         listing = client.get("/adapters")
-        assert_error(listing, 503, "registry_unavailable", "127.0.0.1")
+        assert_error(listing, 503, "registry_unavailable", "retry shortly", "server log")
         assert listing.headers["Retry-After"] == "1"
+        refused = [listing, client.post("/generate", params={"adapter": "a"}, json={"prompt": "hi"}),
+                   client.get("/adapters/a"), client.delete("/adapters/a", headers=admin())]
+        for response in refused:  # the address is for the operator's log, never for clients
+            assert response.status_code == 503, response.text
+            assert not any(word in response.text for word in ("127.0.0.1", str(port), "redis://")), response.text
+        assert dead_url in caplog.text and "ConnectionError" in caplog.text
 
     test_client, engine = make_client(tiny, registry)
 

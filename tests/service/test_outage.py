@@ -108,13 +108,15 @@ def test_cached_adapters_serve_through_an_outage_and_everything_recovers(server,
             assert during.status_code == 200, during.text
             assert during.json()["text"] == warm["text"] and during.json()["adapters"] == warm["adapters"]
         assert post(client).json()["text"] == base["text"]
-        address = f"127.0.0.1:{server.port}"
+        address = f"127.0.0.1:{server.port}"  # in the server log only, never in an answer
         cold = post(client, "cold")
-        assert_error(cold, 503, "registry_unavailable", address, "Redis")
+        assert_error(cold, 503, "registry_unavailable", "retry shortly")
         assert cold.headers["Retry-After"] == "1"
-        assert_error(upload(client, "fresh", 3), 503, "registry_unavailable", address)
-        assert_error(client.get("/adapters"), 503, "registry_unavailable", address)
-        assert_error(client.delete("/adapters/warm", headers=AUTH), 503, "registry_unavailable", address)
+        refused = [cold, upload(client, "fresh", 3), client.get("/adapters"),
+                   client.delete("/adapters/warm", headers=AUTH)]
+        for response in refused:
+            assert_error(response, 503, "registry_unavailable", "server log")
+            assert address not in response.text and str(server.port) not in response.text
         assert time.monotonic() - started < 20  # every refusal was prompt, none waited out a long timeout
 
         server.restart()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import threading
@@ -116,6 +117,10 @@ def test_list_is_sorted_by_name_paginated_and_counts_names(registry: RedisRegist
         registry.list(offset=0, limit=0)
     with pytest.raises(InvalidRequestError, match="offset"):
         registry.list(offset=-1)
+    # Redis itself refuses a ZRANGE end past 2**63 - 1; that must be the client's 400, not "registry down"
+    with pytest.raises(InvalidRequestError, match="offset"):
+        registry.list(offset=2**63 - 2)
+    assert registry.list(offset=2**31 - 1, limit=1000) == ([], 5)
 
 
 def test_identical_content_is_stored_once(redis_client: redis.Redis, namespace: str, ns_keys: KeysFn) -> None:
@@ -396,14 +401,18 @@ def test_listener_outlives_a_failing_callback(registry: RedisRegistry) -> None:
     listener.join(5)
 
 
-def test_unreachable_redis_fails_fast_with_the_url() -> None:
+def test_unreachable_redis_fails_fast_and_logs_the_url_clients_never_see(caplog: pytest.LogCaptureFixture) -> None:
     registry = RedisRegistry(connect("redis://127.0.0.1:1/0"), namespace="nowhere")
 
     started = time.monotonic()
-    with pytest.raises(RegistryUnavailableError, match=r"redis://127\.0\.0\.1:1/0") as info:
+    with caplog.at_level(logging.WARNING, logger="service.registry"), pytest.raises(
+        RegistryUnavailableError, match="retry shortly"
+    ) as info:
         registry.record("anything")
     assert time.monotonic() - started < 3
     assert info.value.status == 503
+    assert "127.0.0.1" not in info.value.message and ":1/" not in info.value.message
+    assert "redis://127.0.0.1:1/0" in caplog.text and "ConnectionError" in caplog.text
     with pytest.raises(RegistryUnavailableError):
         registry.put("anything", b"data", INFO)
     with pytest.raises(RegistryUnavailableError):
@@ -423,7 +432,9 @@ def test_large_adapter_round_trips_through_several_chunks(
     assert registry.read(registry.record("big")) == data
 
 
-@pytest.mark.parametrize("name", ["Upper", "a:b", "a@1", "", "-lead", "x" * 65, "../etc", "sp ace"])
+@pytest.mark.parametrize(
+    "name", ["Upper", "a:b", "a@1", "", "-lead", "x" * 65, "../etc", "sp ace", "evil\n", "a\nb", "x²"]
+)
 def test_bad_names_are_refused_and_nothing_is_written(
     registry: RedisRegistry, redis_client: redis.Redis, namespace: str, name: str, ns_keys: KeysFn
 ) -> None:
@@ -466,3 +477,29 @@ def test_the_public_adapter_schema_carries_every_stored_field_and_no_other() -> 
     # The stored record and the API schema are separate classes (storage layout vs public contract); a field
     # added to one alone would be dropped from, or missing in, every API answer.
     assert AdapterInfo(**record.to_dict()).model_dump() == record.to_dict()
+
+
+def test_pending_counts_the_chunks_of_uploads_that_never_committed(
+    redis_client: redis.Redis, namespace: str, ns_keys: KeysFn
+) -> None:
+    registry = RedisRegistry(redis_client, namespace=namespace, chunk_bytes=1000)
+    assert registry.pending() == (0, 0, True)
+    registry.put("done", os.urandom(2500), INFO)  # committed: its pending keys are gone
+    assert registry.pending() == (0, 0, True)
+
+    # A server that dies between writing chunks and the commit leaves them behind until their TTL.
+    written = registry.write_pending("crashed", os.urandom(3500))
+    assert len(written) == 4
+    assert registry.pending() == (4, 3500, True)
+    assert 0 < redis_client.ttl(f"{namespace}:pending:crashed:{written[0]}") <= registry.pending_ttl_s
+    other = RedisRegistry(redis_client, namespace=namespace + "-other", chunk_bytes=1000)
+    assert other.pending() == (0, 0, True)  # another namespace's chunks are not ours
+
+    chunks, size, complete = registry.pending(max_keys=2)  # bounded: a lower bound, flagged as such
+    assert (chunks, complete) == (2, False) and size in (1500, 2000)  # SCAN order: maybe the 500-byte tail
+    chunks, size, complete = registry.pending(max_calls=1)
+    assert complete or chunks <= 4
+    for key in ns_keys():
+        if b":pending:" in key:
+            redis_client.delete(key)
+    assert registry.pending() == (0, 0, True)

@@ -9,7 +9,9 @@ from fastapi import APIRouter, Path, Query, Request, Response
 
 from ... import adapter_service
 from ...deps import AdminDep, EngineDep, ReaderDep, RegistryDep, SettingsDep
+from ...generation import NAME_RE
 from ...protocol import AdapterDeleted, AdapterDetail, AdapterInfo, AdapterList, AdapterUploaded, ErrorResponse
+from ...registry import MAX_LIST_OFFSET
 from ...torch_thread import run_torch
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -22,8 +24,10 @@ _UPLOAD_BODY = {
                 "type": "object",
                 "required": ["name"],
                 "properties": {
-                    "name": {"type": "string", "pattern": r"^[a-z0-9][a-z0-9._-]{0,63}$"},
-                    "description": {"type": "string"},
+                    "name": {"type": "string", "pattern": f"^{NAME_RE.pattern}$",
+                             "description": f"The adapter name; {adapter_service.BASE_MODEL_ID!r} is reserved."},
+                    "description": {"type": "string", "maxLength": adapter_service.MAX_DESCRIPTION_CHARS,
+                                    "description": "Replaces the description inside the file."},
                     "file": {"type": "string", "format": "binary", "description": "Native shira .safetensors."},
                     "adapter_model": {"type": "string", "format": "binary",
                                       "description": "PEFT SHiRA adapter_model.safetensors."},
@@ -64,7 +68,7 @@ async def upload_adapter(
 @router.get("", response_model=AdapterList, responses=_ERRORS)
 async def list_adapters(
     _: ReaderDep, registry: RegistryDep,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
 ) -> AdapterList:
     """The latest version of every adapter, sorted by name, one page at a time."""
@@ -75,7 +79,7 @@ async def list_adapters(
 @router.get("/{name}", response_model=AdapterDetail, responses=_ERRORS)
 async def get_adapter(
     _: ReaderDep, registry: RegistryDep,
-    name: Annotated[str, Path(description="An adapter name (latest version) or name@version.")],
+    name: Annotated[str, Path(min_length=1, description="An adapter name (latest version) or name@version.")],
 ) -> AdapterDetail:
     """One adapter version's metadata plus the list of all its versions."""
     record, versions = await asyncio.to_thread(adapter_service.describe_adapter, registry, name)
@@ -83,7 +87,9 @@ async def get_adapter(
 
 
 @router.delete("/{name}", response_model=AdapterDeleted, responses=_ERRORS)
-async def delete_adapter(_: AdminDep, registry: RegistryDep, name: str) -> AdapterDeleted:
+async def delete_adapter(
+    _: AdminDep, registry: RegistryDep, name: Annotated[str, Path(min_length=1, description="An adapter name.")]
+) -> AdapterDeleted:
     """Delete every version of an adapter."""
     deleted = await asyncio.to_thread(adapter_service.delete_adapter, registry, name)
     return AdapterDeleted(name=name, deleted_versions=deleted)

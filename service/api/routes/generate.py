@@ -9,7 +9,15 @@ from fastapi import APIRouter, Query, Request
 from ...deps import EngineDep, ReaderDep, SettingsDep
 from ...errors import InvalidRequestError
 from ...generation import GenerationResult
-from ...protocol import ErrorResponse, GenerateBody, GenerateResponse, MergeKind
+from ...protocol import (
+    ErrorResponse,
+    GenerateBody,
+    GenerateDelta,
+    GenerateResponse,
+    GenerateResult,
+    MergeKind,
+    sse_content,
+)
 from .. import requests as build
 from ..streaming import open_stream, sse_response, until_disconnect
 
@@ -32,12 +40,15 @@ def result_body(result: GenerationResult, merge: str) -> dict[str, Any]:
 @router.post(
     "/generate",
     response_model=GenerateResponse,
-    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true."}},
+    responses={**_ERRORS, 200: {"content": sse_content(GenerateDelta, GenerateResult),
+                                "description": "JSON, or server-sent events when stream=true."}},
 )
 async def generate(
     request: Request, body: GenerateBody, _: ReaderDep, engine: EngineDep, settings: SettingsDep,
-    adapter: Annotated[str | None, Query(description="One adapter: boolq or boolq@3.")] = None,
-    adapters: Annotated[str | None, Query(description="A weighted set: boolq:0.6,piqa:0.4.")] = None,
+    adapter: Annotated[str | None, Query(min_length=1, description="One adapter: boolq or boolq@3.")] = None,
+    adapters: Annotated[
+        str | None, Query(min_length=1, description="A weighted set: boolq:0.6,piqa:0.4; it must name an adapter.")
+    ] = None,
     merge: Annotated[MergeKind | None, Query(description="Fusion of a weighted set: linear (default) or ties.")] = None,
 ) -> Any:
     """Generate text. Without an adapter the base model answers; an unknown adapter is a 404.

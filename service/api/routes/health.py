@@ -12,7 +12,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ...deps import EngineDep, ReaderDep, RegistryDep
 from ...errors import ServiceError
-from ...metrics import GPU_ALLOCATED_BYTES, GPU_RESERVED_BYTES, RESIDENT_BYTES, SWITCHER_BYTES
+from ...metrics import (
+    GPU_ALLOCATED_BYTES,
+    GPU_RESERVED_BYTES,
+    PENDING_BYTES,
+    PENDING_CHUNKS,
+    RESIDENT_BYTES,
+    SWITCHER_BYTES,
+)
 
 router = APIRouter(tags=["health"])
 
@@ -58,8 +65,25 @@ def _update_memory_gauges(engine: Any) -> None:
                 SWITCHER_BYTES.labels(part=str(part)).set(value)
 
 
-@router.get("/metrics", response_class=Response)
-async def metrics(_: ReaderDep, engine: EngineDep) -> Response:
-    """Prometheus text format; memory gauges are refreshed on each scrape."""
+def _update_pending_gauges(registry: Any) -> None:
+    """Chunks left by uploads that never committed (a bounded SCAN); unchanged while Redis is unreachable."""
+    if registry is None or not hasattr(registry, "pending"):
+        return
+    try:
+        chunks, size, _complete = registry.pending()
+    except ServiceError:
+        return  # the registry logged the cause; the scrape still answers
+    PENDING_CHUNKS.set(chunks)
+    PENDING_BYTES.set(size)
+
+
+@router.get(
+    "/metrics", response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}},
+                     "description": "Prometheus text format."}},
+)
+async def metrics(_: ReaderDep, engine: EngineDep, registry: RegistryDep) -> Response:
+    """Prometheus text format; memory and pending-upload gauges are refreshed on each scrape."""
     _update_memory_gauges(engine)
+    await asyncio.to_thread(_update_pending_gauges, registry)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

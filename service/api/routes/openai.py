@@ -20,6 +20,7 @@ from ...protocol import (
     AssistantMessage,
     ChatChoice,
     ChatCompletionBody,
+    ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionBody,
     CompletionChoice,
@@ -28,12 +29,14 @@ from ...protocol import (
     OpenAIModel,
     OpenAIModelList,
     Usage,
+    sse_content,
 )
 from .. import requests as build
 from ..streaming import open_stream, sse_response, until_disconnect
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 _ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 503)}
+_STREAMED = "JSON, or server-sent events (chunks, then [DONE]) when stream=true."
 OWNER = "shira"
 PAGE = 500
 
@@ -76,7 +79,10 @@ def _include_usage(body: Any) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-@router.post("/completions", response_model=CompletionResponse, responses=_ERRORS)
+@router.post(
+    "/completions", response_model=CompletionResponse,
+    responses={**_ERRORS, 200: {"content": sse_content(CompletionResponse), "description": _STREAMED}},
+)
 async def completions(
     request: Request, body: CompletionBody, _: ReaderDep, engine: EngineDep, settings: SettingsDep
 ) -> Any:
@@ -107,7 +113,10 @@ async def completions(
     )
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+@router.post(
+    "/chat/completions", response_model=ChatCompletionResponse,
+    responses={**_ERRORS, 200: {"content": sse_content(ChatCompletionChunk), "description": _STREAMED}},
+)
 async def chat_completions(
     request: Request, body: ChatCompletionBody, _: ReaderDep, engine: EngineDep, settings: SettingsDep
 ) -> Any:
