@@ -7,17 +7,56 @@ shares nothing with its engine but the weights.
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 
+import httpx
 import torch
 
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.fingerprint import BaseFingerprint
 from shira_core.fusion import fuse
+from shira_core.io import adapter_to_bytes
 from shira_core.switcher import Switcher
+
+REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+# CPU unless told otherwise (SHIRA_TEST_DEVICE=cuda on a GPU machine). Always fp32: these tests compare texts
+# bit for bit with in-process references, and bf16 rounding varies with batch shape (test_engine_devices covers it).
+DEVICE = os.environ.get("SHIRA_TEST_DEVICE", "cpu")
+ADMIN = "integration-admin-" + uuid.uuid4().hex
+UPLOAD_LIMIT = 4 * 2**20
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
+NEW = 12
+
+
+class Live:
+    """What the tests share: the server, its engine, a registry view, pristine weights and references."""
+
+    def __init__(self, server, app, registry, client, snapshot, reference) -> None:
+        self.server, self.app, self.registry, self.client = server, app, registry, client
+        self.engine = app.state.engine
+        self.snapshot, self.reference = snapshot, reference
+        self.adapters: dict[str, SparseAdapter] = {}
+
+    def keys(self) -> set[bytes]:
+        return set(self.registry.client.scan_iter(match=f"{self.registry.namespace}:*", count=1000))
+
+    def upload(self, name: str, adapter: SparseAdapter | None = None, **kwargs) -> httpx.Response:
+        files = kwargs.pop("files", None) or {"file": ("a.safetensors", adapter_to_bytes(adapter))}
+        headers = kwargs.pop("headers", {"Authorization": f"Bearer {ADMIN}"})
+        return self.client.post("/adapters", data={"name": name}, files=files, headers=headers, **kwargs)
+
+    def generate(self, prompt: str, **query) -> dict:
+        r = self.client.post("/generate", params=query, json={"prompt": prompt, "max_new_tokens": NEW})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.engine.encode(prompt=prompt)
 
 
 class ServerThread:

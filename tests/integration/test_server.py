@@ -8,80 +8,16 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import pytest
 import torch
-from server_support import Reference, ServerThread, greedy_text, random_adapter
+from server_support import ADMIN, NEW, PROMPTS, UPLOAD_LIMIT, greedy_text, random_adapter
 
-from service.config import Settings
-from service.embedded_redis import connect
-from service.main import create_app
-from service.registry import RedisRegistry
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.io import adapter_to_bytes
 
 pytestmark = pytest.mark.integration
-
-REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
-# CPU unless told otherwise (SHIRA_TEST_DEVICE=cuda on a GPU machine). Always fp32: these tests compare texts
-# bit for bit with in-process references, and bf16 rounding varies with batch shape (test_engine_devices covers it).
-DEVICE = os.environ.get("SHIRA_TEST_DEVICE", "cpu")
-ADMIN = "integration-admin-" + uuid.uuid4().hex
-UPLOAD_LIMIT = 4 * 2**20
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "Water boils at"]
-NEW = 12
-
-
-class Live:
-    """What the tests share: the server, its engine, a registry view, pristine weights and references."""
-
-    def __init__(self, server, app, registry, client, snapshot, reference) -> None:
-        self.server, self.app, self.registry, self.client = server, app, registry, client
-        self.engine = app.state.engine
-        self.snapshot, self.reference = snapshot, reference
-        self.adapters: dict[str, SparseAdapter] = {}
-
-    def keys(self) -> set[bytes]:
-        return set(self.registry.client.scan_iter(match=f"{self.registry.namespace}:*", count=1000))
-
-    def upload(self, name: str, adapter: SparseAdapter | None = None, **kwargs) -> httpx.Response:
-        files = kwargs.pop("files", None) or {"file": ("a.safetensors", adapter_to_bytes(adapter))}
-        headers = kwargs.pop("headers", {"Authorization": f"Bearer {ADMIN}"})
-        return self.client.post("/adapters", data={"name": name}, files=files, headers=headers, **kwargs)
-
-    def generate(self, prompt: str, **query) -> dict:
-        r = self.client.post("/generate", params=query, json={"prompt": prompt, "max_new_tokens": NEW})
-        assert r.status_code == 200, r.text
-        return r.json()
-
-    def ids(self, prompt: str) -> list[int]:
-        return self.engine.encode(prompt=prompt)
-
-
-@pytest.fixture(scope="module")
-def live(data_dir):
-    namespace = f"test-api-{uuid.uuid4().hex[:12]}"
-    settings = Settings(
-        _env_file=None, data_dir=data_dir, redis_url=REDIS_URL, namespace=namespace, admin_token=ADMIN, device=DEVICE,
-        dtype="float32", max_upload_bytes=UPLOAD_LIMIT, max_new_tokens=256, max_batch_size=16, max_adapters_per_request=4,
-    )
-    app = create_app(settings)  # the lifespan connects Redis and loads the real model
-    registry = RedisRegistry(connect(REDIS_URL), namespace=namespace)
-    with ServerThread(app) as server:
-        engine = app.state.engine
-        # Before any adapter: the engine's weights are the base. Copies for the bit-exact check and references.
-        snapshot = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-        reference = Reference(copy.deepcopy(engine.model), engine.tokenizer)
-        with httpx.Client(base_url=server.url, timeout=300) as client:
-            yield Live(server, app, registry, client, snapshot, reference)
-    keys = set(registry.client.scan_iter(match=f"{namespace}:*", count=1000))
-    if keys:
-        registry.client.delete(*keys)
-
 
 def test_upload_then_generate_matches_shira_core(live):
     assert live.client.get("/ready").json() == {"status": "ready", "model": True, "registry": True}
