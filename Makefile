@@ -36,7 +36,7 @@ test: install redis-test
 	SHIRA_TEST_REDIS_URL=$(REDIS_URL_TEST) $(BIN)/pytest -q -p no:cacheprovider
 
 lint: install
-	$(BIN)/ruff check shira_core shira_cli service tests loadtest
+	$(BIN)/ruff check shira_core shira_cli shira_bench service tests loadtest
 
 bench: install
 	$(BIN)/shira bench switch

@@ -9,6 +9,7 @@
 3. Orthogonality: AWOM and AWOR for each pair of task adapters of each kind.
 
 Trained adapters are cached (keyed by every setting that changes them), so `--reuse` reruns only evaluation.
+The phases live in experiment_train (training and the cache) and experiment_eval (scoring and orthogonality).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
@@ -86,36 +86,32 @@ class ExperimentConfig:
         return " ".join(parts + [f"--out {out}"])
 
 
-def _train_config(cfg: ExperimentConfig, mask: str, n_train: int, lr: float) -> Any:
-    from shira_core.training import TrainConfig
-
-    epochs = -(-cfg.steps // -(-n_train // cfg.batch_size))  # enough epochs to run cfg.steps steps
-    return TrainConfig(method="sparse", mask=mask, density=cfg.density, epochs=epochs, lr=lr,
-                       batch_size=cfg.batch_size, max_len=cfg.max_len, seed=cfg.seed,
-                       calib_batches=cfg.calib_batches, eval_limit=cfg.eval_limit, max_steps=cfg.steps)
-
-
-def _bar(total: int, desc: str, enabled: bool) -> Any:
+def progress_bar(total: int, desc: str, enabled: bool) -> Any:
+    """One phase's tqdm bar, counted in jobs."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, unit="job", dynamic_ncols=True)
 
 
 @contextmanager
-def _applied(switcher: Any, adapter: Any) -> Iterator[None]:
-    switcher.apply([(adapter, 1.0)])
-    try:
-        yield
-    finally:
-        switcher.revert()
+def _timed(seconds: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    seconds[phase] = time.perf_counter() - t0
 
 
-def _union(adapters: list[Any]) -> dict[str, torch.Tensor]:
-    out: dict[str, list[torch.Tensor]] = {}
-    for adapter in adapters:
-        for d in adapter:
-            out.setdefault(d.name, []).append(d.indices.long())
-    return {name: torch.unique(torch.cat(parts)) for name, parts in out.items()}
+def _task_data(tokenizer: Any, cfg: ExperimentConfig) -> dict[str, tuple[list[Any], list[Any]]]:
+    """Per task, the generated training examples and the encoded held-out items (at most cfg.eval_limit)."""
+    from shira_core.demo_data import generate
+    from shira_core.training import encode_all, parse_jsonl
+    from shira_core.training.data import examples_to_jsonl
+
+    data = {}
+    for task in cfg.tasks:
+        train, held = generate(task, seed=cfg.seed, n_train=cfg.n_train)
+        held_items = encode_all(tokenizer, parse_jsonl(examples_to_jsonl(held)), cfg.max_len)[: cfg.eval_limit]
+        data[task] = (parse_jsonl(examples_to_jsonl(train)), held_items)
+    return data
 
 
 def run_experiment(model: nn.Module, tokenizer: Any, cfg: ExperimentConfig, *, model_label: str,
@@ -135,148 +131,31 @@ def run_experiment(model: nn.Module, tokenizer: Any, cfg: ExperimentConfig, *, m
     Returns:
         {"setup", "base", "single", "fusion", "orthogonality", "seconds"}.
     """
-    from shira_core.analysis import awom_awor
-    from shira_core.demo_data import generate
-    from shira_core.fusion import fuse_linear
     from shira_core.models import linear_weight_names
     from shira_core.switcher import Switcher
-    from shira_core.training import encode_all, masks_for, parse_jsonl, train_adapter
-    from shira_core.training.data import examples_to_jsonl
-    from shira_core.training.evaluate import generate_completions
 
-    from .experiment_train import AdapterCache, dense_deltas_applied, dense_orthogonality, train_lora, train_masked
+    from .experiment_eval import TaskScorer, orthogonality, score_base, score_fusions, score_single
+    from .experiment_train import TrainedAdapters, train_all
 
     cfg.validate()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
     names = linear_weight_names(model)
-    cache = AdapterCache(cache_dir, reuse, model, model_label)
-    data = {}
-    for task in cfg.tasks:
-        train, held = generate(task, seed=cfg.seed, n_train=cfg.n_train)
-        held_items = encode_all(tokenizer, parse_jsonl(examples_to_jsonl(held)), cfg.max_len)[: cfg.eval_limit]
-        data[task] = (parse_jsonl(examples_to_jsonl(train)), held_items)
-
-    def score(task: str) -> dict[str, Any]:
-        # evaluate()'s exact match without its loss pass, which would double the cost of every evaluation
-        items = data[task][1]
-        model.eval()
-        texts = generate_completions(model, tokenizer, items, batch_size=16)
-        hits = sum(t.strip() == e.completion.strip() for t, e in zip(texts, items, strict=True))
-        return {"accuracy": hits / len(items), "examples": len(items),
-                "samples": [[e.completion, t] for e, t in zip(items[:3], texts, strict=False)]}
-
-    t0 = time.perf_counter()
-    base = {}
-    with _bar(len(cfg.tasks), "base eval", progress) as bar:
-        for task in cfg.tasks:
-            base[task] = score(task)
-            log(f"base model on {task}: accuracy {base[task]['accuracy']:.3f}")
-            bar.update(1)
-    seconds["base_eval"] = time.perf_counter() - t0
-
-    # Phase 1: train (or load) every adapter.
-    t0 = time.perf_counter()
-    adapters: dict[tuple[str, str], Any] = {}
-    train_info: dict[tuple[str, str], dict[str, Any]] = {}
-    jobs = [(k, task, kind) for k, task in enumerate(cfg.tasks) for kind in KINDS if not (kind == "wm-next" and k == 0)]
-    with _bar(len(jobs), "train", progress) as bar:
-        for k, task in enumerate(cfg.tasks):
-            train = data[task][0]
-            for kind in KINDS:
-                if kind == "wm-next" and k == 0:
-                    adapters[(task, kind)] = adapters[(task, "wm")]  # the first task's "next" 1% is the top 1%
-                    train_info[(task, kind)] = {**train_info[(task, "wm")], "same_as": "wm"}
-                    continue
-                lr = (cfg.lora_lr or cfg.lr) if kind == "lora" else cfg.lr
-                tc = _train_config(cfg, "snip" if kind == "snip" else "wm", len(train), lr)
-                settings = {"task": task, "kind": kind, "n_train": len(train), "train": asdict(tc)}
-                if kind == "wm-next":
-                    settings["after"] = list(cfg.tasks[:k])
-                if kind == "lora":
-                    settings["alpha_ratio"] = cfg.lora_alpha_ratio
-                path = cache.path(task, kind, settings)
-                name = f"{task}-{kind}"
-                t1 = time.perf_counter()
-                adapter = cache.load(path, kind)
-                cached = adapter is not None
-                if adapter is None:
-                    torch.set_grad_enabled(True)
-                    if kind in ("wm", "snip"):
-                        adapter = train_adapter(model, tokenizer, train, None, tc, name=name, progress=progress).adapter
-                    elif kind == "wm-next":
-                        earlier = [adapters[(t, "wm-next")] for t in cfg.tasks[:k]]
-                        masks = masks_for(model, "wm", cfg.density, names, seed=cfg.seed, exclude=_union(earlier))
-                        adapter = train_masked(model, tokenizer, train, tc, masks, name, progress=progress)
-                    else:
-                        adapter = train_lora(model, tokenizer, train, tc, names, name,
-                                             alpha_ratio=cfg.lora_alpha_ratio, progress=progress)
-                    cache.save(path, adapter)
-                took = time.perf_counter() - t1
-                adapters[(task, kind)] = adapter
-                train_info[(task, kind)] = {"trainable": adapter.params if kind == "lora" else adapter.nnz,
-                                            "steps": cfg.steps, "lr": lr, "seconds": round(took, 1), "cached": cached}
-                log(f"{'loaded' if cached else 'trained'} {name}: {train_info[(task, kind)]['trainable']:,} "
-                    f"trainable values, {took:.1f} s")
-                bar.update(1)
-    seconds["train"] = time.perf_counter() - t0
-
-    # Phase 2: each adapter alone, on its own task.
-    t0 = time.perf_counter()
-    switcher = Switcher(model, names)
-    single: dict[tuple[str, str], dict[str, Any]] = {}
-    with _bar(len(jobs), "single eval", progress) as bar:
-        for task in cfg.tasks:
-            for kind in KINDS:
-                if train_info[(task, kind)].get("same_as"):
-                    continue
-                adapter = adapters[(task, kind)]
-                alone = dense_deltas_applied(model, [(adapter, 1.0)]) if kind == "lora" else _applied(switcher, adapter)
-                with alone:
-                    single[(task, kind)] = score(task)
-                log(f"{task}-{kind} alone: accuracy {single[(task, kind)]['accuracy']:.3f}")
-                bar.update(1)
-        for task in cfg.tasks:
-            if train_info[(task, "wm-next")].get("same_as"):
-                single[(task, "wm-next")] = single[(task, "wm")]
-    seconds["single_eval"] = time.perf_counter() - t0
-
-    # Phase 3: fuse all task adapters with equal weights and score every task on the fused weights.
-    t0 = time.perf_counter()
-    w = cfg.fusion_weight
-    members = {"overlap": "wm", "nonoverlap": "wm-next", "lora": "lora"}
-    fusion_rows = []
-    fused_info = {}
-    with _bar(len(members) * len(cfg.tasks), "fusion eval", progress) as bar:
-        for family, kind in members.items():
-            items = [(adapters[(t, kind)], w) for t in cfg.tasks]
-            if family == "lora":
-                context: Any = dense_deltas_applied(model, items)
-                changed = sum(p.numel() for n, p in model.named_parameters() if n in items[0][0].factors)
-            else:
-                fused = fuse_linear(items, name=f"fused-{family}")
-                context, changed = _applied(switcher, fused), fused.nnz
-            fused_info[family] = {"changed_values": changed}
-            with context:
-                for task in cfg.tasks:
-                    got = score(task)
-                    alone = single[(task, kind)]["accuracy"]
-                    fusion_rows.append({"fusion": family, "label": FUSIONS[family], "task": task, "weight": w,
-                                        "single": alone, "fused": got["accuracy"], "drop": alone - got["accuracy"],
-                                        "samples": got["samples"]})
-                    log(f"fused {family} on {task}: {alone:.3f} -> {got['accuracy']:.3f}")
-                    bar.update(1)
-    seconds["fusion_eval"] = time.perf_counter() - t0
-
-    # Phase 4: orthogonality of every pair of task adapters of each kind.
-    t0 = time.perf_counter()
-    ortho = []
-    for kind in ("wm", "wm-next", "snip", "lora"):
-        for ta, tb in combinations(cfg.tasks, 2):
-            a, b = adapters[(ta, kind)], adapters[(tb, kind)]
-            agg = dense_orthogonality(a, b) if kind == "lora" else awom_awor(a, b)["aggregate"]
-            ortho.append({"kind": kind, "label": LABELS[kind], "a": ta, "b": tb, **agg})
-    seconds["orthogonality"] = time.perf_counter() - t0
+    cache = TrainedAdapters(cache_dir, reuse, model, model_label)
+    data = _task_data(tokenizer, cfg)
+    score = TaskScorer(model, tokenizer, {task: held for task, (_, held) in data.items()})
+    shown = {"progress": progress, "log": log}
+    with _timed(seconds, "base_eval"):
+        base = score_base(score, cfg.tasks, **shown)
+    with _timed(seconds, "train"):  # phase 1: train (or load) every adapter
+        adapters, train_info = train_all(model, tokenizer, cfg, data, cache, names, **shown)
+    with _timed(seconds, "single_eval"):  # phase 2: each adapter alone, on its own task
+        switcher = Switcher(model, names)
+        single = score_single(model, switcher, score, cfg.tasks, adapters, train_info, **shown)
+    with _timed(seconds, "fusion_eval"):  # phase 3: all task adapters fused, every task scored on them
+        fusion_rows, fused_info = score_fusions(model, switcher, score, cfg, adapters, single, **shown)
+    with _timed(seconds, "orthogonality"):  # phase 4: every pair of task adapters of each kind
+        ortho = orthogonality(cfg.tasks, adapters)
     seconds["total"] = time.perf_counter() - started
 
     return {
@@ -297,7 +176,7 @@ def run_experiment(model: nn.Module, tokenizer: Any, cfg: ExperimentConfig, *, m
 
 def _rank_summary(model: nn.Module, names: list[str], density: float) -> dict[str, int]:
     """LoRA rank per kind of layer (the name's last module), e.g. {"q_proj": 3, ...}."""
-    from .experiment_train import lora_ranks
+    from shira_core.baselines import lora_ranks
 
     out: dict[str, int] = {}
     for name, r in lora_ranks(model, names, density).items():

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .bench import bench_app
+from .failures import fail
 
 app = typer.Typer(
     help="Sparse high-rank adapters: inspect, compare, convert, train, benchmark and serve.",
@@ -15,26 +16,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-bench_app = typer.Typer(
-    help="Side-by-side benchmarks; each prints ratios measured in one process.", no_args_is_help=True
-)
 app.add_typer(bench_app, name="bench")
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
-
-
-@contextlib.contextmanager
-def _one_line_errors() -> Iterator[None]:
-    """Known failures (a model that is not there, a bad option, a worker or server that failed) as one line."""
-    from shira_core.errors import ShiraError
-
-    try:
-        yield
-    except (ShiraError, FileNotFoundError, RuntimeError, ValueError) as e:
-        _fail(str(e))
 
 
 @app.command()
@@ -62,7 +44,7 @@ def inspect(
     try:
         typer.echo(inspect_report(adapter, rank=rank, as_json=json_out))
     except (ShiraError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -79,7 +61,7 @@ def compare(
     try:
         typer.echo(compare_report(a, b, as_json=json_out))
     except (ShiraError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -96,11 +78,11 @@ def convert(
     from .convert import convert_adapter
 
     if to not in ("native", "peft"):
-        _fail(f"--to must be native or peft, not {to!r}")
+        fail(f"--to must be native or peft, not {to!r}")
     try:
         typer.echo(convert_adapter(source, dest, to=to, name=name, base=base))
     except (ShiraError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @app.command()
@@ -143,7 +125,7 @@ def train(
                             config=config, device=device, dtype=dtype, name=name, progress=progress,
                             as_json=json_out)
     except (ShiraError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     print_summary(summary, json_out)
 
 
@@ -161,86 +143,12 @@ def demo_data(
     from .train import write_demo_data
 
     if task != "all" and task not in TASKS:
-        _fail(f"unknown task {task!r}; use one of {', '.join(TASKS)} or all")
+        fail(f"unknown task {task!r}; use one of {', '.join(TASKS)} or all")
     try:
         for path in write_demo_data(task, out, seed=seed, n_train=n_train, n_eval=n_eval):
             typer.echo(path)
     except ValueError as e:
-        _fail(str(e))
-
-
-@bench_app.command("switch")
-def bench_switch(
-    density: Annotated[float, typer.Option(help="Fraction of each linear weight the adapter touches.")] = 0.01,
-    repeats: Annotated[int, typer.Option(help="Timed runs per method; the median is reported.")] = 15,
-    model: Annotated[str | None, typer.Option(help="Base model (default: bundled SmolLM2-135M-Instruct).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Apply/revert and transition vs raw LoRA fuse/unfuse, PEFT SHiRA merge/unmerge and the scatter bound."""
-    from .bench_switch import run_switch_bench
-
-    with _one_line_errors():
-        run_switch_bench(density=density, repeats=repeats, model=model, as_json=json_out)
-
-
-@bench_app.command("serve")
-def bench_serve(
-    url: Annotated[str | None, typer.Option(help="Target a running server instead of starting one.")] = None,
-    admin_token: Annotated[str | None, typer.Option(help="Admin token of --url (to upload the adapters).")] = None,
-    redis_url: Annotated[str | None, typer.Option(help="Redis for the started server (default: embedded).")] = None,
-    rounds: Annotated[int, typer.Option(help="Rounds over all workloads; medians are reported.")] = 3,
-    requests: Annotated[int, typer.Option(help="Requests per client per round.")] = 4,
-    max_new_tokens: Annotated[int, typer.Option(help="Tokens per request.")] = 32,
-    density: Annotated[float, typer.Option(help="Density of the 8 random adapters.")] = 0.01,
-    model: Annotated[str | None, typer.Option(help="The server's base model (default: SHIRA_BASE_MODEL, else the "
-                                              "bundled SmolLM2-135M-Instruct).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Tokens/s and p50/p99 for 8 clients on one adapter, 8 adapters under Zipf traffic, and the base model."""
-    from .bench_serve import run_serve_bench
-
-    with _one_line_errors():
-        run_serve_bench(url, admin_token, redis_url, rounds, requests, max_new_tokens, density, json_out, model)
-
-
-@bench_app.command("train")
-def bench_train(
-    rank: Annotated[int, typer.Option(help="LoRA rank; every method trains r * (in + out) entries per layer.")] = 4,
-    base: Annotated[str, typer.Option(help="default (bundled SmolLM2-135M), a model path, or random.")] = "default",
-    layers: Annotated[int, typer.Option(help="Decoder layers when --base random.")] = 30,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 4,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
-    steps: Annotated[int, typer.Option(help="Timed steps per method (after one warm-up step).")] = 5,
-    rounds: Annotated[int, typer.Option(help="Interleaved rounds; each method keeps its fastest.")] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Step time and peak memory: SHiRA sparse-param and grad-mask vs PEFT LoRA and PEFT SHiRA."""
-    from .bench_train import run_train_bench
-
-    with _one_line_errors():
-        run_train_bench(rank=rank, layers=layers, batch_size=batch_size, seq_len=seq_len, steps=steps,
-                        rounds=rounds, device=device, as_json=json_out, base=base)
-
-
-@bench_app.command("step")
-def bench_step(
-    model: Annotated[str, typer.Option(help="default (bundled SmolLM2-135M), a model path, or random.")] = "default",
-    layers: Annotated[int, typer.Option(help="Decoder layers when --model random.")] = 30,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")] = "auto",
-    rows: Annotated[int, typer.Option(help="Rows in the decode batch.")] = 8,
-    adapters: Annotated[int, typer.Option(help="Adapters the rows are drawn from (Zipf).")] = 8,
-    steps: Annotated[int, typer.Option(help="Decode steps of each variant per round.")] = 5,
-    repeats: Annotated[int, typer.Option(help="Rounds over the variants (after one warm-up round).")] = 10,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-) -> None:
-    """Decode-step time in process: base, one adapter applied, and rows of several adapters (guest rows)."""
-    from .bench_step import run_step_bench
-
-    with _one_line_errors():
-        run_step_bench(model=model, layers=layers, device=device, dtype=dtype, rows=rows, adapters=adapters,
-                       steps=steps, repeats=repeats, as_json=json_out)
+        fail(str(e))
 
 
 @app.command()
@@ -279,7 +187,7 @@ def experiment(
         run_experiment_command(cfg, out=out, base=base, cache_dir=cache, reuse=reuse, threads=threads,
                                progress=progress)
     except (ShiraError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 def main() -> None:

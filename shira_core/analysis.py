@@ -2,18 +2,22 @@
 
 Every weight is read as a matrix of shape (shape[0], rest): a Linear weight (out, in) as is, a 1-D weight as a
 column. Sparse products go through torch.sparse so a 1% adapter pair never builds a dense m x m product.
+dense_orthogonality gives the same metrics for low-rank (LoRA) adapters, whose ΔW is dense, from their factors.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .delta import SparseAdapter, SparseDelta
 from .errors import ShapeMismatchError
+
+if TYPE_CHECKING:
+    from .baselines import LoraFactors
 
 # matrix_rank's default tolerance scaled by the weight's full size, so dropping empty rows and columns
 # before the SVD cannot change the answer.
@@ -146,21 +150,27 @@ def layer_orthogonality(a: SparseDelta, b: SparseDelta) -> dict[str, Any]:
             f"layer {a.name} has shape {list(a.shape)} in the first adapter but {list(b.shape)} in the second"
         )
     m = matrix_shape(a.shape)[1]
-    vals = product_ata(a, b).values()
     overlap = int(torch.isin(a.indices.long().cpu(), b.indices.long().cpu()).sum()) if a.nnz and b.nnz else 0
-    product_nnz = int((vals != 0).sum())
     return {
         "name": a.name,
         "shape": list(a.shape),
-        "awom": float(torch.linalg.vector_norm(vals)) if vals.numel() else 0.0,
-        "awor": 1.0 - product_nnz / (m * m) if m else 1.0,
-        "product_nnz": product_nnz,
-        "product_numel": m * m,
+        **_product_metrics(product_ata(a, b).values(), m),
         "nnz_a": a.nnz,
         "nnz_b": b.nnz,
         "overlap": overlap,
         "overlap_fraction_a": overlap / a.nnz if a.nnz else 0.0,
         "overlap_fraction_b": overlap / b.nnz if b.nnz else 0.0,
+    }
+
+
+def _product_metrics(values: torch.Tensor, m: int) -> dict[str, Any]:
+    """AWOM and AWOR of an m x m product A1ᵀA2 from its stored entries (all m² of them for a dense one)."""
+    product_nnz = int((values != 0).sum())
+    return {
+        "awom": float(torch.linalg.vector_norm(values)) if values.numel() else 0.0,
+        "awor": 1.0 - product_nnz / (m * m) if m else 1.0,
+        "product_nnz": product_nnz,
+        "product_numel": m * m,
     }
 
 
@@ -202,10 +212,20 @@ def awom_awor(a: SparseAdapter, b: SparseAdapter) -> dict[str, Any]:
 
 
 def _aggregate(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    count = len(layers)
     nnz_a = sum(row["nnz_a"] for row in layers)
     nnz_b = sum(row["nnz_b"] for row in layers)
     overlap = sum(row["overlap"] for row in layers)
+    return {
+        **_product_aggregate(layers),
+        "overlap": overlap,
+        "overlap_fraction_a": overlap / nnz_a if nnz_a else 0.0,
+        "overlap_fraction_b": overlap / nnz_b if nnz_b else 0.0,
+    }
+
+
+def _product_aggregate(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """common_layers and the AWOM/AWOR aggregates over per-layer rows (see awom_awor)."""
+    count = len(layers)
     entries = sum(row["product_numel"] for row in layers)
     return {
         "common_layers": count,
@@ -213,7 +233,29 @@ def _aggregate(layers: list[dict[str, Any]]) -> dict[str, Any]:
         "awom_total": math.sqrt(sum(row["awom"] ** 2 for row in layers)) if count else None,
         "awor_mean": sum(row["awor"] for row in layers) / count if count else None,
         "awor_pooled": 1.0 - sum(row["product_nnz"] for row in layers) / entries if entries else None,
-        "overlap": overlap,
-        "overlap_fraction_a": overlap / nnz_a if nnz_a else 0.0,
-        "overlap_fraction_b": overlap / nnz_b if nnz_b else 0.0,
     }
+
+
+def dense_orthogonality(a: LoraFactors, b: LoraFactors) -> dict[str, Any]:
+    """AWOM and AWOR of two low-rank adapters' ΔW over their common layers, with awom_awor's aggregates.
+
+    ΔW1ᵀΔW2 = s1 s2 A1ᵀ (B1ᵀ B2) A2 is computed densely in float64; ||·||_0 counts its non-zero entries.
+    A low-rank ΔW is dense, so every entry of a common layer is shared: overlap_fraction_a is 1.0.
+
+    Args:
+        a, b: the adapters as factors (baselines.LoraFactors: weight name -> (A, B, scaling)).
+
+    Returns:
+        common_layers, awom_mean, awom_total, awor_mean, awor_pooled (None where no layer is common) and
+        overlap_fraction_a.
+    """
+    rows = []
+    for w in a.factors:
+        if w not in b.factors:
+            continue
+        a1, b1, s1 = (t.double() if isinstance(t, torch.Tensor) else t for t in a.factors[w])
+        a2, b2, s2 = (t.double() if isinstance(t, torch.Tensor) else t for t in b.factors[w])
+        product = (a1.T @ (b1.T @ b2) @ a2) * (s1 * s2)
+        rows.append(_product_metrics(product, product.shape[0]))
+    # a fused LoRA ΔW is dense: every entry of every layer changes
+    return {**_product_aggregate(rows), "overlap_fraction_a": 1.0 if rows else 0.0}

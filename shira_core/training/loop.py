@@ -8,7 +8,7 @@ back at the end, gradient-mask training writes the saved base values back at the
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,6 +103,70 @@ def _progress(total: int, enabled: bool) -> Any:
     return tqdm(total=total, disable=not enabled, unit="step", dynamic_ncols=True, leave=True)
 
 
+def train_epochs(
+    model: nn.Module,
+    params: Sequence[torch.Tensor],
+    items: Sequence[Encoded],
+    cfg: TrainConfig,
+    *,
+    pad: int,
+    device: torch.device,
+    call: Callable[..., Any] | None = None,
+    progress: bool = True,
+    after_epoch: Callable[[int, float, int, float], None] | None = None,
+) -> int:
+    """The recipe every trainer here follows, so that they all see the same batches in the same order: AdamW
+    without weight decay, epochs of batches shuffled with seed cfg.seed + epoch, gradients clipped to
+    cfg.grad_clip, and a stop after cfg.max_steps steps in all.
+
+    Args:
+        model: set to train mode at the start of every epoch.
+        params: the tensors the optimizer updates.
+        items: the encoded training examples.
+        cfg: epochs, batch_size, seed, lr, grad_clip and max_steps apply.
+        pad, device: the batches' pad token id and device.
+        call: computes the loss from a batch (default: model; a PEFT wrapper of it for LoRA).
+        progress: show a tqdm bar.
+        after_epoch: called after every epoch that ran steps, with (epoch, mean train loss, tokens, seconds).
+
+    Returns:
+        The number of optimizer steps run.
+    """
+    call = call or model
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    total = -(-len(items) // cfg.batch_size) * cfg.epochs
+    if cfg.max_steps is not None:
+        total = min(total, cfg.max_steps)
+    step = 0
+    bar = _progress(total, progress)
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            if step >= total:
+                break
+            model.train()  # a PEFT wrapper shares these modules, LoRA layers included
+            t0, tokens, loss_sum, n = time.perf_counter(), 0, 0.0, 0
+            for batch in iter_batches(items, cfg.batch_size, cfg.seed + epoch, pad, device):
+                if step >= total:
+                    break
+                loss = call(**batch, use_cache=False).loss
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step, n = step + 1, n + 1
+                loss_sum += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+                rate = tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}", tok_s=f"{rate:.0f}")
+                bar.update(1)
+            if after_epoch is not None:
+                after_epoch(epoch, loss_sum / max(n, 1), tokens, time.perf_counter() - t0)
+    finally:
+        bar.close()
+    return step
+
+
 def train_adapter(
     model: nn.Module,
     tokenizer: Any,
@@ -114,6 +178,7 @@ def train_adapter(
     description: str = "",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    masks: Mapping[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Trains one SHiRA adapter and returns it with per-epoch stats; the model ends as it started.
 
@@ -126,6 +191,8 @@ def train_adapter(
         name, description: adapter metadata.
         progress: show a tqdm bar (loss, tokens/s, ETA).
         log: called with one line per epoch summary.
+        masks: weight name -> sorted flat indices to train, instead of choosing them with config.mask (which is
+            then only recorded), e.g. masks_for(..., exclude=...) for masks that avoid other adapters' indices.
 
     Returns:
         TrainResult with the SparseAdapter (base fingerprint of the untrained base) and the history.
@@ -136,7 +203,7 @@ def train_adapter(
     torch.manual_seed(cfg.seed)
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    names = list(cfg.targets or linear_weight_names(model))
+    names = list(masks) if masks is not None else list(cfg.targets or linear_weight_names(model))
     if not names:
         raise TrainingConfigError("the model has no target weights (no nn.Linear besides lm_head)")
     fingerprint = BaseFingerprint.of(model).to_dict(names)
@@ -148,8 +215,9 @@ def train_adapter(
     def batches(epoch: int):
         return iter_batches(train_items, cfg.batch_size, cfg.seed + epoch, pad, device)
 
-    masks = masks_for(model, cfg.mask, cfg.density, names, seed=cfg.seed,
-                      calibration=batches(-1), num_batches=cfg.calib_batches)
+    if masks is None:
+        masks = masks_for(model, cfg.mask, cfg.density, names, seed=cfg.seed,
+                          calibration=batches(-1), num_batches=cfg.calib_batches)
     history: list[EpochStats] = []
     if cfg.eval_before and eval_items:
         result = evaluate(model, tokenizer, eval_items, limit=cfg.eval_limit)
@@ -162,48 +230,25 @@ def train_adapter(
     else:
         handle = attach_gradient_masks(model, masks)
         params = handle.parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    steps_per_epoch = -(-len(train_items) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    if cfg.max_steps is not None:
-        total = min(total, cfg.max_steps)
-    step, started = 0, time.perf_counter()
-    bar = _progress(total, progress)
+
+    def epoch_done(epoch: int, train_loss: float, tokens: int, seconds: float) -> None:
+        result = evaluate(model, tokenizer, eval_items, limit=cfg.eval_limit) if eval_items else None
+        stats = EpochStats(epoch, train_loss, result, tokens / max(seconds, 1e-9), seconds)
+        history.append(stats)
+        line = f"epoch {epoch}: train loss {stats.train_loss:.4f}, {stats.tokens_per_s:.0f} tok/s"
+        if result is not None:
+            line += f", eval loss {result.loss:.4f}, accuracy {result.accuracy:.3f} on {result.examples}"
+        say(line)
+
+    started = time.perf_counter()
     try:
-        for epoch in range(1, cfg.epochs + 1):
-            if step >= total:
-                break
-            model.train()
-            t0, tokens, loss_sum, n = time.perf_counter(), 0, 0.0, 0
-            for batch in batches(epoch):
-                if step >= total:
-                    break
-                loss = model(**batch, use_cache=False).loss
-                loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step, n = step + 1, n + 1
-                loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
-                rate = tokens / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(epoch=epoch, loss=f"{float(loss.detach()):.4f}", tok_s=f"{rate:.0f}")
-                bar.update(1)
-            seconds = time.perf_counter() - t0
-            result = evaluate(model, tokenizer, eval_items, limit=cfg.eval_limit) if eval_items else None
-            stats = EpochStats(epoch, loss_sum / max(n, 1), result, tokens / max(seconds, 1e-9), seconds)
-            history.append(stats)
-            line = f"epoch {epoch}: train loss {stats.train_loss:.4f}, {stats.tokens_per_s:.0f} tok/s"
-            if result is not None:
-                line += f", eval loss {result.loss:.4f}, accuracy {result.accuracy:.3f} on {result.examples}"
-            say(line)
+        step = train_epochs(model, params, train_items, cfg, pad=pad, device=device, progress=progress,
+                            after_epoch=epoch_done)
         meta = {"base_fingerprint": fingerprint, "description": description,
                 "extra": {"density": f"{cfg.density:g}", "method": cfg.method, "epochs": str(cfg.epochs),
                           "lr": f"{cfg.lr:g}", "seed": str(cfg.seed), "steps": str(step)}}
         adapter = handle.extract(name, cfg.mask, **meta)
     finally:
-        bar.close()
         if cfg.method == "gradmask":
             handle.restore_base()
         handle.remove()

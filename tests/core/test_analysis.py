@@ -11,11 +11,13 @@ import torch
 from shira_core.analysis import (
     adapter_stats,
     awom_awor,
+    dense_orthogonality,
     layer_orthogonality,
     layer_stats,
     numerical_rank,
     stats_totals,
 )
+from shira_core.baselines import LoraFactors
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.errors import ShapeMismatchError
 
@@ -241,3 +243,21 @@ def test_real_sized_layer_pair_is_fast() -> None:
             times.append(time.perf_counter() - start)
         # the median is compared with a loose bound: the test machine's two cores are shared
         assert sorted(times)[2] < 0.15, f"{shape}: median {sorted(times)[2] * 1000:.1f} ms"
+
+
+def test_dense_orthogonality_agrees_with_the_sparse_metrics():
+    gen = torch.Generator().manual_seed(0)
+
+    def factors(name: str) -> LoraFactors:
+        return LoraFactors(name, {"w": (torch.randn(2, 6, generator=gen), torch.randn(5, 2, generator=gen), 2.0)})
+
+    a, b = factors("a"), factors("b")
+
+    def as_sparse(lora: LoraFactors) -> SparseAdapter:
+        dense = lora.delta("w").reshape(-1)
+        return SparseAdapter(lora.name, {"w": SparseDelta("w", (5, 6), torch.arange(30), dense)}, "dense")
+
+    reference = awom_awor(as_sparse(a), as_sparse(b))["aggregate"]
+    got = dense_orthogonality(a, b)
+    assert got["awom_total"] == pytest.approx(reference["awom_total"], rel=1e-5)
+    assert got["awor_pooled"] == pytest.approx(reference["awor_pooled"]) and got["awor_pooled"] == 0.0

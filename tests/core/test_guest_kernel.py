@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from shira_core import guest_kernel
 from shira_core.guest_rows import GuestRows
 from shira_core.switcher import Switcher
 
-from .test_guest_rows import adapter
+from .kernel_support import needs_kernel
+from .test_guest_rows import adapter, isolated
 
 
+@needs_kernel
 def test_the_kernel_builds_on_this_machine():
     assert guest_kernel.load() is not None  # g++ and ninja are here; `make install` built it
 
@@ -50,3 +54,34 @@ def test_without_the_kernel_guest_rows_run_pytorchs_products(tiny_llama, monkeyp
     guests.close()
     torch.testing.assert_close(got, torch.cat([expected, base]), rtol=1e-4, atol=1e-4)
 
+
+@pytest.fixture
+def no_compiler(monkeypatch, tmp_path):
+    """guest_kernel.load() as on a machine without a C++ compiler: torch finds no CXX and no earlier build."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    guest_kernel.load.cache_clear()
+    yield
+    guest_kernel.load.cache_clear()  # later tests load the real kernel again
+
+
+def test_with_the_compiler_hidden_native_rows_fall_back_to_the_same_outputs(tiny_llama, no_compiler, caplog):
+    with caplog.at_level(logging.WARNING, logger=guest_kernel.__name__):
+        assert guest_kernel.load() is None
+    assert "guest-row decode kernel unavailable, using PyTorch's sparse products" in caplog.text
+    model = tiny_llama(seed=3, vocab=64, hidden=32)
+    switcher = Switcher(model)
+    plans = [switcher.prepare([(adapter(model, name, seed), 1.0)]) for name, seed in (("a", 1), ("b", 2))]
+    sets = [0, None, 1, 0]  # None: a base row
+    ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(2))
+    got = {}
+    for native in (True, False):
+        guests = GuestRows(model, switcher, native=native)
+        assert not guests.native  # asked for or not, the rows run on PyTorch's products
+        deltas = [guests.delta(p) for p in plans]
+        decode = guests.decode_plan([() if s is None else (deltas[s],) for s in sets])
+        with torch.inference_mode(), guests.active(decode):
+            got[native] = model(input_ids=ids).logits
+        guests.close()
+    assert torch.equal(got[True], got[False])
+    torch.testing.assert_close(got[True], isolated(model, switcher, plans, sets, ids), rtol=1e-4, atol=1e-4)

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from shira_core.fingerprint import BaseFingerprint
-from shira_core.training import TrainConfig, TrainingConfigError, parse_jsonl, train_adapter
+from shira_core.models import linear_weight_names
+from shira_core.training import TrainConfig, TrainingConfigError, masks_for, parse_jsonl, train_adapter
 from shira_core.training.data import examples_to_jsonl
 
-from .training_support import char_tokenizer, records
+from .training_support import char_tokenizer, demo_examples, demo_llama, records
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +80,18 @@ def test_bad_options_are_refused_before_anything_runs(tiny_llama, tok, data, fie
     with pytest.raises(TrainingConfigError, match=message):
         train_adapter(model, tok, data[0], None, cfg, progress=False)
     assert all(not hasattr(m, "forward") or "forward" not in vars(m) for m in model.modules())
+
+
+def test_train_masked_matches_train_adapter_on_the_same_mask(tok):
+    model = demo_llama()
+    train = demo_examples("sentiment")
+    cfg = TrainConfig(method="sparse", mask="wm", density=0.1, epochs=2, lr=1e-2, batch_size=4, max_len=64,
+                      max_steps=6)
+    reference = train_adapter(model, tok, train, None, cfg, name="ref", progress=False).adapter
+    masks = masks_for(model, "wm", 0.1, linear_weight_names(model))
+    mine = train_adapter(model, tok, train, None, cfg, name="mine", progress=False, masks=masks).adapter
+    assert mine.deltas.keys() == reference.deltas.keys()
+    for name, d in reference.deltas.items():
+        assert torch.equal(d.indices, mine.deltas[name].indices)
+        assert torch.equal(d.values, mine.deltas[name].values), f"{name} trained differently"
+    assert mine.extra["steps"] == "6"

@@ -39,3 +39,26 @@ def records(n: int, seed: int = 0) -> list[dict[str, str]]:
         word = "".join(rng.choice("abcdef") for _ in range(3))
         out.append({"prompt": f"rev {word}", "completion": word[::-1]})
     return out
+
+
+def demo_llama(seed: int = 0) -> Any:
+    """A 2-layer Llama with room for the demo prompts (the shared tiny_llama stops at 64 positions)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def demo_examples(task: str, n_train: int = 16) -> list[Any]:
+    """The training examples of a bundled demo task (seed 0)."""
+    from shira_core.demo_data import generate
+    from shira_core.training import parse_jsonl
+    from shira_core.training.data import examples_to_jsonl
+
+    train, _ = generate(task, seed=0, n_train=n_train)
+    return parse_jsonl(examples_to_jsonl(train))

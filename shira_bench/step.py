@@ -1,4 +1,4 @@
-"""`shira bench step`: one decode step of a batch, in process, with and without rows of other adapter sets.
+"""One decode step of a batch (`shira bench step`), in process, with and without rows of other adapter sets.
 
 Variants, each with its own prefilled batch, visited in turn for `--steps` steps per round so that drift in the
 machine's speed hits each alike:
@@ -20,17 +20,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
 import random
 import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .bench_switch import random_adapter
-from .bench_train import bench_model
+from .synthetic import bench_model, random_adapter
+
+# variant name -> (the plan to apply first, None: the base; the context its steps run in)
+Variants = dict[str, tuple[Any, Callable[[], Any]]]
 
 
 def zipf_rows(rows: int, sets: int, seed: int = 0) -> list[int]:
@@ -83,26 +86,31 @@ class StepTimer:
         return times
 
 
-def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
-                   rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 5, repeats: int = 10,
-                   as_json: bool = False) -> dict[str, Any]:
-    """Times `steps` decode steps of each variant in each of `repeats` rounds; prints the ms/step medians and the
-    ratios against `single`, over all steps and round by round."""
-    from shira_core.guest_rows import GuestRows
-    from shira_core.models import linear_weight_names, pick_device, pick_dtype
-    from shira_core.switcher import Switcher
+@dataclass
+class StepReport:
+    """One run's figures: `report` as `--json` prints it, and the unrounded medians the table shows."""
 
-    dev = pick_device(device)
-    dt = str(pick_dtype(dtype, dev)).replace("torch.", "")
-    lm = bench_model({"base": model, "layers": layers, "device": str(dev), "dtype": dt}).eval()
-    names = linear_weight_names(lm)
-    switcher = Switcher(lm)
-    plans = [switcher.prepare([(random_adapter(lm, names, density, seed=100 + k, name=f"bench-{k}"), 1.0)])
-             for k in range(adapters)]
-    sets = zipf_rows(rows, adapters)
-    host = Counter(sets).most_common(1)[0][0]
-    timer = StepTimer(lm, rows)
-    variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext)}
+    report: dict[str, Any]
+    ms_per_step: dict[str, float]
+
+    def table(self) -> str:
+        """One line of setup, then each variant's ms/step and single/variant ratio."""
+        setup, vs = self.report["setup"], self.report["vs_single"]
+        lines = [f"{setup['device']} {setup['dtype']}, {setup['rows']} rows, sets {setup['sets']} "
+                 f"(host for mixed-host: {setup['host']})"]
+        for name, value in self.ms_per_step.items():
+            lines.append(f"{name:>10}: {value:8.2f} ms/step, single/{name} {vs[name]:.3f} "
+                         f"(median of rounds {self.report['vs_single_repeat_median'][name]:.3f})")
+        return "\n".join(lines)
+
+
+def _mixed_variants(lm: torch.nn.Module, switcher: Any, plans: list[Any], sets: list[int],
+                    host: int) -> tuple[Variants, list[Any]]:
+    """The mixed and mixed-host variants, on the native kernel where it builds and on PyTorch's products
+    (`-torch`); returns them with the GuestRows that run them."""
+    from shira_core.guest_rows import GuestRows
+
+    variants: Variants = {}
     all_guests = []
     for native in (True, False):
         guests = GuestRows(lm, switcher, native=native)
@@ -117,6 +125,12 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
         suffix = "" if native else "-torch"
         variants[f"mixed{suffix}"] = (None, functools.partial(guests.active, mixed))
         variants[f"mixed-host{suffix}"] = (plans[host], functools.partial(guests.active, hosted))
+    return variants, all_guests
+
+
+def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, all_guests: list[Any], steps: int,
+                 repeats: int) -> dict[str, list[list[float]]]:
+    """Each variant's step times, round by round, after one warm-up round."""
     # Each variant keeps its own batch; the rounds visit them in turn for a few steps each, so drift in the
     # machine's speed over seconds hits all alike, and each round's ratios pair neighbouring steps.
     states = {name: timer.start() for name in variants}
@@ -132,9 +146,35 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
             times = timer.steps_ms(states[name], context, steps if r else 2)
             if r:
                 rounds[name].append(times)
+    return rounds
+
+
+def measure(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
+            rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 5,
+            repeats: int = 10) -> StepReport:
+    """Times `steps` decode steps of each variant in each of `repeats` rounds: the ms/step medians and the
+    ratios against `single`, over all steps and round by round."""
+    from shira_core.models import linear_weight_names, pick_device, pick_dtype
+    from shira_core.switcher import Switcher
+
+    dev = pick_device(device)
+    dt = str(pick_dtype(dtype, dev)).replace("torch.", "")
+    lm = bench_model({"base": model, "layers": layers, "device": str(dev), "dtype": dt}).eval()
+    names = linear_weight_names(lm)
+    switcher = Switcher(lm)
+    plans = [switcher.prepare([(random_adapter(lm, names, density, seed=100 + k, name=f"bench-{k}"), 1.0)])
+             for k in range(adapters)]
+    sets = zipf_rows(rows, adapters)
+    host = Counter(sets).most_common(1)[0][0]
+    timer = StepTimer(lm, rows)
+    variants: Variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext)}
+    mixed, all_guests = _mixed_variants(lm, switcher, plans, sets, host)
+    variants.update(mixed)
+    rounds = _time_rounds(timer, switcher, variants, all_guests, steps, repeats)
     switcher.revert()
     for guests in all_guests:
         guests.close()
+    guests = all_guests[-1]  # PyTorch's, which every layer can run
     ms = {k: statistics.median(t for times in v for t in times) for k, v in rounds.items()}
     by_round = {k: [statistics.median(times) for times in v] for k, v in rounds.items()}
     paired = {k: [s / t for s, t in zip(by_round["single"], v, strict=True)] for k, v in by_round.items()}
@@ -149,11 +189,4 @@ def run_step_bench(*, model: str = "default", layers: int = 30, device: str = "a
         "vs_single_by_repeat": {k: [round(x, 3) for x in v] for k, v in paired.items()},
         "vs_single_repeat_median": {k: round(statistics.median(v), 3) for k, v in paired.items()},
     }
-    if as_json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"{dev} {dt}, {rows} rows, sets {sets} (host for mixed-host: {host})")
-        for name, value in ms.items():
-            print(f"{name:>10}: {value:8.2f} ms/step, single/{name} {report['vs_single'][name]:.3f} "
-                  f"(median of rounds {report['vs_single_repeat_median'][name]:.3f})")
-    return report
+    return StepReport(report, ms)

@@ -1,5 +1,6 @@
-"""`shira bench train`: step time and peak memory of SHiRA sparse-param, SHiRA grad-mask, PEFT LoRA and PEFT
-SHiRA at equal trainable parameter counts (every layer gets r * (in + out) entries, LoRA's count).
+"""Training cost (`shira bench train`): step time and peak memory of SHiRA sparse-param, SHiRA grad-mask,
+PEFT LoRA and PEFT SHiRA at equal trainable parameter counts (every layer gets r * (in + out) entries, LoRA's
+count).
 
 Each method runs in a fresh subprocess so peak memory is its own: on CUDA, max_memory_allocated above what
 was allocated before the first step; on CPU, the peak resident set size (sampled) above the same point. The
@@ -16,6 +17,8 @@ import sys
 import threading
 import time
 from typing import Any
+
+from .synthetic import bench_model
 
 METHODS = ("sparse", "gradmask", "lora", "peft_shira")
 LINEAR_LEAVES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -45,25 +48,6 @@ class _RssPeak:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self.proc.memory_info().rss)
-
-
-def bench_model(spec: dict[str, Any]):
-    """spec['base']: 'random' (SmolLM2-135M-shaped, spec['layers'] decoder layers) or a model for load_base."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if spec.get("base", "random") != "random":
-        from shira_core.models import load_base
-
-        model, _, _ = load_base(spec["base"], device=spec["device"], dtype=spec["dtype"])
-        return model
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=spec["layers"],
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5)
-    torch.manual_seed(0)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[spec["dtype"]]
-    return LlamaForCausalLM(config).to(dtype=dtype, device=spec["device"])
 
 
 def _attach(model: Any, method: str, rank: int) -> tuple[Any, list[Any], int]:
@@ -136,14 +120,18 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
             device.type == "cuda" else "rss"}
 
 
-def run_train_bench(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq_len: int = 256, steps: int = 5,
-                    rounds: int = 1, device: str = "auto", dtype: str = "auto",
-                    methods: tuple[str, ...] = METHODS, as_json: bool = False, base: str = "default") -> dict[str, Any]:
+def measure(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq_len: int = 256, steps: int = 5,
+            rounds: int = 1, device: str = "auto", dtype: str = "auto", methods: tuple[str, ...] = METHODS,
+            base: str = "default") -> dict[str, Any]:
     """Runs every method in its own subprocess, `rounds` times interleaved, takes the median over rounds,
-    and prints ratios against PEFT LoRA. On a shared machine, more rounds make the ratios less noisy.
+    and compares each with PEFT LoRA. On a shared machine, more rounds make the ratios less noisy.
 
     Args:
         base: "default" (the bundled model), a model path, or "random" (same shape, random weights).
+
+    Returns:
+        {"setup", "methods": each method's median step_s and peak_mb, "vs_lora": step and peak ratios,
+        "targets"}; the last two only when lora (and sparse) ran.
     """
     import torch
 
@@ -160,17 +148,9 @@ def run_train_bench(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq
         for method in methods:
             spec = {"method": method, "rank": rank, "layers": layers, "batch_size": batch_size, "seq_len": seq_len,
                     "steps": steps, "device": device, "dtype": dtype, "base": base}
-            proc = subprocess.run([sys.executable, "-m", "shira_cli.bench_train", json.dumps(spec)],
-                                  capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                raise RuntimeError(f"bench worker for {method} failed:\n{proc.stderr[-2000:]}")
-            runs[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs[method].append(run_worker(spec))
     results = {m: dict(r[0], step_s=statistics.median(x["step_s"] for x in r),
                        peak_mb=statistics.median(x["peak_mb"] for x in r)) for m, r in runs.items()}
-    if not as_json:
-        for method, r in results.items():
-            print(f"{method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, peak +{r['peak_mb']:7.1f} MB "
-                  f"({r['memory']}), {r['trainable']:,} trainable")
     report: dict[str, Any] = {"setup": {"rank": rank, "layers": layers, "batch_size": batch_size,
                                         "seq_len": seq_len, "steps": steps, "rounds": rounds, "device": device,
                                         "dtype": dtype, "base": base},
@@ -183,13 +163,26 @@ def run_train_bench(*, rank: int = 4, layers: int = 30, batch_size: int = 4, seq
             ratios = report["vs_lora"]["sparse"]
             report["targets"] = {"sparse_peak_le_lora": ratios["peak_ratio"] <= 1.0,
                                  "sparse_step_le_1.15x_lora": ratios["step_ratio"] <= 1.15}
-    if as_json:
-        print(json.dumps(report, indent=2))
-    elif "vs_lora" in report:
-        for m, r in report["vs_lora"].items():
-            print(f"{m:>10} / lora: step x{r['step_ratio']:.2f}, peak memory x{r['peak_ratio']:.2f}")
     return report
 
 
-if __name__ == "__main__":
+def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """worker(spec) in a fresh Python process, so the peak memory it reports is its own."""
+    proc = subprocess.run([sys.executable, "-m", "shira_bench.train", json.dumps(spec)],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench worker for {spec['method']} failed:\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def table(report: dict[str, Any]) -> str:
+    """Each method's step time, peak memory and trainable count, then its ratios against LoRA."""
+    lines = [f"{method:>10}: {r['step_s'] * 1e3:8.1f} ms/step, peak +{r['peak_mb']:7.1f} MB "
+             f"({r['memory']}), {r['trainable']:,} trainable" for method, r in report["methods"].items()]
+    for m, r in report.get("vs_lora", {}).items():
+        lines.append(f"{m:>10} / lora: step x{r['step_ratio']:.2f}, peak memory x{r['peak_ratio']:.2f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # one worker: `python -m shira_bench.train '<spec as JSON>'`
     print(json.dumps(worker(json.loads(sys.argv[1]))))

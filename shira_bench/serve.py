@@ -1,4 +1,4 @@
-"""`shira bench serve`: throughput and latency of a live server on loopback, side by side in one run.
+"""Throughput and latency of a live server on loopback (`shira bench serve`), side by side in one run.
 
 Workloads (closed loop: each client sends its next request when the previous one returns):
   base      8 clients, no adapter
@@ -10,22 +10,19 @@ Rounds interleave the workloads so machine noise hits each alike; figures are me
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import secrets
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import httpx
-import typer
 
-from .serve_phases import phases, scrape
+from .phases import phases, scrape
+from .server import free_port, start_server, upload_random_adapters
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -47,58 +44,8 @@ class Workload:
     zipf: bool = False
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(port: int, token: str, redis_url: str | None, extra_env: dict[str, str]) -> subprocess.Popen:
-    """Starts `shira serve` in a subprocess and waits until /ready answers 200."""
-    env = dict(os.environ, SHIRA_ADMIN_TOKEN=token, SHIRA_NAMESPACE=f"bench-{secrets.token_hex(4)}", **extra_env)
-    if redis_url:
-        env["SHIRA_REDIS_URL"] = redis_url
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "shira_cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    proc.kill()
-    raise RuntimeError("server did not become ready within 300 s")
-
-
-def upload_random_adapters(url: str, token: str, count: int, density: float, model: str | None = None) -> list[str]:
-    """Builds rand-mask adapters for the server's base model (`model`; None: the bundled one) and uploads them."""
-    from shira_core.fingerprint import BaseFingerprint
-    from shira_core.io import adapter_to_bytes
-    from shira_core.models import linear_weight_names, load_base
-
-    from .bench_switch import random_adapter
-
-    base, _, _ = load_base(model, device="cpu", dtype="float32")
-    names = linear_weight_names(base)
-    fingerprint = BaseFingerprint.of(base)
-    uploaded = []
-    for k in range(count):
-        adapter = random_adapter(base, names, density, seed=100 + k, name=f"bench-{k}")
-        adapter.base_fingerprint = fingerprint.to_dict(names)
-        resp = httpx.post(
-            f"{url}/adapters", headers={"Authorization": f"Bearer {token}"},
-            data={"name": adapter.name}, files={"file": ("a.safetensors", adapter_to_bytes(adapter))}, timeout=120,
-        )
-        resp.raise_for_status()
-        uploaded.append(adapter.name)
-    del base
-    return uploaded
+def _to_stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tokens: int, seed: int) -> dict:
@@ -148,7 +95,10 @@ def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tok
 
 
 def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int, max_new_tokens: int,
-            token: str | None = None) -> dict:
+            token: str | None = None, log: Callable[[str], None] | None = None) -> dict:
+    """Warms the server up, then runs every workload once per round; `log` (None: stderr) gets one line per
+    workload run."""
+    log = log or _to_stderr
     workloads = [
         Workload("base", 8, []),
         Workload("single", 8, adapters[:1]),
@@ -172,7 +122,7 @@ def measure(url: str, adapters: list[str], rounds: int, requests_per_client: int
             samples[work.name].append(run_workload(url, work, n, max_new_tokens, seed=r))
             samples[work.name][-1]["phases"] = phases(before, scrape(url, headers))
             rate = samples[work.name][-1]["tokens_per_s"]
-            typer.echo(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s", err=True)
+            log(f"round {r + 1}/{rounds} {work.name}: {rate:.1f} tok/s")
     return summarize(samples)
 
 
@@ -207,7 +157,8 @@ def summarize(samples: dict[str, list[dict]]) -> dict:
     return out
 
 
-def _report(result: dict) -> str:
+def report(result: dict) -> str:
+    """Each workload's tokens/s and latencies, the target ratios met or missed, and the worker's phases."""
     lines = [f"{'workload':10s} {'tok/s':>8s} {'p50 ms':>9s} {'p99 ms':>9s}"]
     for name in ("base", "single", "mixed", "one"):
         lines.append(f"{name:10s} {result[f'{name}_tokens_per_s']:8.1f} {result[f'{name}_p50_ms']:9.0f} "
@@ -230,32 +181,34 @@ def _report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def run_serve_bench(url: str | None, token: str | None, redis_url: str | None, rounds: int, requests: int,
-                    max_new_tokens: int, density: float, as_json: bool, model: str | None = None) -> None:
-    """Entry point of `shira bench serve`: starts a server unless --url is given, uploads 8 adapters, measures.
+def run(*, url: str | None, token: str | None, redis_url: str | None, rounds: int, requests: int,
+        max_new_tokens: int, density: float, model: str | None = None,
+        log: Callable[[str], None] | None = None) -> dict:
+    """Starts a server unless `url` is given, uploads 8 random adapters, measures; returns the summary.
 
-    `model` is the server's base model: the started server loads it, and the adapters are built for it. None
-    reads SHIRA_BASE_MODEL, else the bundled model.
+    Args:
+        url, token: a running server and its admin token (to upload the adapters); url None starts one.
+        redis_url: the started server's registry (None: embedded).
+        model: the server's base model: the started server loads it, and the adapters are built for it
+            (None: the bundled model).
+        log: progress lines (None: stderr).
     """
-    from shira_core.models import resolve
-
-    model = model or os.environ.get("SHIRA_BASE_MODEL")
-    resolve(model)  # a model that is not there fails here, in one line, not in the server's start-up log
+    log = log or _to_stderr
+    if url is not None and not token:
+        raise ValueError("a running server needs its admin token, to upload the benchmark adapters")
     proc = None
     if url is None:
         token = token or secrets.token_urlsafe(24)
-        port = _free_port()
+        port = free_port()
         url = f"http://127.0.0.1:{port}"
-        typer.echo(f"starting a server on {url} ...", err=True)
+        log(f"starting a server on {url} ...")
         proc = start_server(port, token, redis_url, {"SHIRA_BASE_MODEL": model} if model else {})
-    elif not token:
-        raise typer.BadParameter("--admin-token is needed with --url (to upload the benchmark adapters)")
     try:
         adapters = upload_random_adapters(url, token, 8, density, model)
-        result = measure(url, adapters, rounds, requests, max_new_tokens, token)
+        result = measure(url, adapters, rounds, requests, max_new_tokens, token, log)
         result.update(rounds=rounds, requests_per_client=requests, max_new_tokens=max_new_tokens, density=density)
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    typer.echo(json.dumps(result) if as_json else _report(result))
+    return result

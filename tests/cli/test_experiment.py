@@ -1,4 +1,4 @@
-"""`shira experiment` end to end on a tiny Llama with a character tokenizer, plus its training helpers."""
+"""`shira experiment` end to end on a tiny Llama with a character tokenizer."""
 
 from __future__ import annotations
 
@@ -6,42 +6,17 @@ import json
 
 import pytest
 import torch
+from core.training_support import char_tokenizer, demo_llama
 from typer.testing import CliRunner
 
 from shira_cli.experiment import FUSIONS, KINDS, ExperimentConfig, ExperimentConfigError, run_experiment
 from shira_cli.experiment_report import END, START, update_markdown, write_outputs
-from shira_cli.experiment_train import (
-    AdapterCache,
-    LoraFactors,
-    dense_deltas_applied,
-    dense_orthogonality,
-    lora_ranks,
-    train_lora,
-    train_masked,
-)
+from shira_cli.experiment_train import TrainedAdapters
 from shira_cli.main import app
-from shira_core.analysis import awom_awor
-from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.demo_data import generate
+from shira_core.baselines import lora_ranks
 from shira_core.models import linear_weight_names
-from shira_core.training import TrainConfig, masks_for, parse_jsonl, train_adapter
-from shira_core.training.data import examples_to_jsonl
-
-from .training_support import char_tokenizer
 
 TASKS = ("sentiment", "capitals")
-
-
-def tiny_model(seed: int = 0) -> torch.nn.Module:
-    """A 2-layer Llama with room for the demo prompts (the shared tiny_llama stops at 64 positions)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return LlamaForCausalLM(config).eval()
 
 
 def small_config(**kw) -> ExperimentConfig:
@@ -58,7 +33,7 @@ def tok():
 @pytest.fixture(scope="module")
 def run(tok, tmp_path_factory):
     """One experiment run (and its written outputs) shared by the end-to-end tests."""
-    model = tiny_model()
+    model = demo_llama()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cache = tmp_path_factory.mktemp("cache")
     lines: list[str] = []
@@ -132,7 +107,7 @@ def test_outputs_written_and_markdown_prose_kept(run):
 
 def test_reuse_loads_every_adapter_from_the_cache_and_repeats_the_numbers(run, tok):
     lines: list[str] = []
-    again = run_experiment(tiny_model(), tok, small_config(), model_label="tiny", cache_dir=run["cache"], reuse=True,
+    again = run_experiment(demo_llama(), tok, small_config(), model_label="tiny", cache_dir=run["cache"], reuse=True,
                            progress=False, log=lines.append)
     first = {(r["task"], r["method"]): r for r in run["results"]["single"]}
     for row in again["single"]:
@@ -142,77 +117,13 @@ def test_reuse_loads_every_adapter_from_the_cache_and_repeats_the_numbers(run, t
     assert [r["fused"] for r in again["fusion"]] == [r["fused"] for r in run["results"]["fusion"]]
     assert not any(line.startswith("trained") for line in lines)
     # Any changed setting is a different cache entry, so nothing is reused by mistake.
-    cache = AdapterCache(run["cache"], True, run["model"], "tiny")
+    cache = TrainedAdapters(run["cache"], True, run["model"], "tiny")
     settings = {"task": "sentiment", "kind": "wm", "train": {"lr": 0.01, "max_steps": 3}}
     assert cache.path("sentiment", "wm", settings) != cache.path("sentiment", "wm", {**settings, "kind": "snip"})
     assert cache.path("sentiment", "wm", settings) != cache.path(
         "sentiment", "wm", {**settings, "train": {"lr": 0.01, "max_steps": 2}})
-    assert AdapterCache(run["cache"], True, run["model"], "other").path("sentiment", "wm", settings) != cache.path(
+    assert TrainedAdapters(run["cache"], True, run["model"], "other").path("sentiment", "wm", settings) != cache.path(
         "sentiment", "wm", settings)
-
-
-def _data(task: str):
-    train, _ = generate(task, seed=0, n_train=16)
-    return parse_jsonl(examples_to_jsonl(train))
-
-
-def test_train_masked_matches_train_adapter_on_the_same_mask(tok):
-    model = tiny_model()
-    train = _data("sentiment")
-    cfg = TrainConfig(method="sparse", mask="wm", density=0.1, epochs=2, lr=1e-2, batch_size=4, max_len=64,
-                      max_steps=6)
-    reference = train_adapter(model, tok, train, None, cfg, name="ref", progress=False).adapter
-    masks = masks_for(model, "wm", 0.1, linear_weight_names(model))
-    mine = train_masked(model, tok, train, cfg, masks, "mine")
-    assert mine.deltas.keys() == reference.deltas.keys()
-    for name, d in reference.deltas.items():
-        assert torch.equal(d.indices, mine.deltas[name].indices)
-        assert torch.equal(d.values, mine.deltas[name].values), f"{name} trained differently"
-    assert mine.extra["steps"] == "6"
-
-
-def test_lora_fused_densely_and_restored_bit_for_bit(tok):
-    model = tiny_model()
-    names = linear_weight_names(model)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = TrainConfig(method="sparse", density=0.1, lr=1e-2, batch_size=4, max_len=64, max_steps=3)
-    a = train_lora(model, tok, _data("sentiment"), cfg, names, "a")
-    b = train_lora(model, tok, _data("capitals"), cfg, names, "b")
-    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_parameters())
-    for n, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[n]) and p.requires_grad == flags[n], n
-    ranks = lora_ranks(model, names, 0.1)
-    assert {w: f[0].shape[0] for w, f in a.factors.items()} == ranks
-    assert all(float(f[1].abs().sum()) > 0 for f in a.factors.values())  # B moved off its zero init
-    params = dict(model.named_parameters())
-    w = names[0]
-    with dense_deltas_applied(model, [(a, 1.0), (b, 0.5)]):
-        expected = before[w] + a.delta(w) + 0.5 * b.delta(w)
-        assert torch.allclose(params[w].detach(), expected, atol=1e-6)
-    for n, p in model.named_parameters():
-        assert torch.equal(p.detach(), before[n]), f"{n} not restored"
-    tensors, meta = a.to_tensors()
-    back = LoraFactors.from_tensors(tensors, meta)
-    assert back.name == "a" and torch.equal(back.delta(w), a.delta(w))
-
-
-def test_dense_orthogonality_agrees_with_the_sparse_metrics(tok):
-    gen = torch.Generator().manual_seed(0)
-
-    def factors(name: str) -> LoraFactors:
-        return LoraFactors(name, {"w": (torch.randn(2, 6, generator=gen), torch.randn(5, 2, generator=gen), 2.0)})
-
-    a, b = factors("a"), factors("b")
-
-    def as_sparse(lora: LoraFactors) -> SparseAdapter:
-        dense = lora.delta("w").reshape(-1)
-        return SparseAdapter(lora.name, {"w": SparseDelta("w", (5, 6), torch.arange(30), dense)}, "dense")
-
-    reference = awom_awor(as_sparse(a), as_sparse(b))["aggregate"]
-    got = dense_orthogonality(a, b)
-    assert got["awom_total"] == pytest.approx(reference["awom_total"], rel=1e-5)
-    assert got["awor_pooled"] == pytest.approx(reference["awor_pooled"]) and got["awor_pooled"] == 0.0
 
 
 @pytest.mark.parametrize(("kw", "needle"), [

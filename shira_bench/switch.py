@@ -1,4 +1,4 @@
-"""`shira bench switch`: adapter switching against its peers, side by side in one process.
+"""Adapter switching (`shira bench switch`) against its peers, side by side in one process.
 
 Every method touches the same linear weights of the same base model with about the same number of
 parameters, and each round runs every method once, so machine noise hits all of them alike. Reported
@@ -8,36 +8,23 @@ figures are medians over the rounds.
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
 from collections.abc import Callable
 
 import torch
-import typer
 from tqdm import tqdm
 
-from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.masks import rand_mask
 from shira_core.models import linear_weight_names, load_base
 from shira_core.switcher import Switcher
+
+from .synthetic import random_adapter
 
 TARGETS = {
     "shira_apply_revert_ms <= 1.5 x scatter_bound_ms": ("scatter_bound_ms", 1.5, "le"),
     "2.5x faster than lora_fuse_unfuse_ms": ("lora_fuse_unfuse_ms", 2.5, "ge"),
     "10x faster than peft_shira_merge_unmerge_ms": ("peft_shira_merge_unmerge_ms", 10.0, "ge"),
 }
-
-
-def random_adapter(model: torch.nn.Module, names: list[str], density: float, seed: int, name: str) -> SparseAdapter:
-    """A rand-mask adapter over `names` with small random deltas."""
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for pos, n in enumerate(names):
-        weight = model.get_parameter(n)
-        idx = rand_mask(weight, density, seed=seed * 10_000 + pos)
-        deltas[n] = SparseDelta(n, tuple(weight.shape), idx, torch.randn(idx.numel(), generator=gen) * 0.01)
-    return SparseAdapter(name, deltas, "rand")
 
 
 def _timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -146,7 +133,8 @@ def measure(density: float = 0.01, repeats: int = 15, model_spec: str | None = N
     return {"result": result, "extras": extras}
 
 
-def _report(result: dict, extras: dict) -> str:
+def report(result: dict, extras: dict) -> str:
+    """The medians as a table, with each method against apply+revert, and the TARGETS met or missed."""
     own = result["shira_apply_revert_ms"]
     lines = [
         f"base: {extras['layers']} linear layers, nnz {result['nnz']:,} (density {result['density']}), "
@@ -166,14 +154,3 @@ def _report(result: dict, extras: dict) -> str:
         shown = f"apply+revert / bound = {ratio:.2f}" if kind == "le" else f"speed-up = {ratio:.1f}x"
         lines.append(f"[{'ok' if ok else 'MISS'}] {label}: {shown}")
     return "\n".join(lines)
-
-
-def run_switch_bench(density: float = 0.01, repeats: int = 15, model: str | None = None, as_json: bool = False) -> None:
-    """Entry point of `shira bench switch`."""
-    if repeats < 10:
-        typer.secho("note: fewer than 10 rounds makes medians noisy", err=True)
-    measured = measure(density, repeats, model)
-    if as_json:
-        typer.echo(json.dumps(measured["result"]))
-    else:
-        typer.echo(_report(measured["result"], measured["extras"]))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from core.training_support import char_tokenizer, records
 from typer.testing import CliRunner
 
 from shira_cli.main import app
@@ -13,8 +14,6 @@ from shira_core.fingerprint import BaseFingerprint
 from shira_core.io import load_adapter
 from shira_core.peft_interop import load_peft_adapter
 from shira_core.training.data import examples_to_jsonl
-
-from .training_support import char_tokenizer, records
 
 runner = CliRunner()
 

@@ -6,8 +6,8 @@ import socket
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 
-from shira_cli.bench_serve import _report, round_order, summarize
-from shira_cli.serve_phases import phases, scrape
+from shira_bench.phases import phases, scrape
+from shira_bench.serve import report, round_order, summarize
 
 
 def run(rate: float, p50: float = 1000.0) -> dict:
@@ -30,7 +30,7 @@ def test_summary_takes_medians_and_ratios_of_medians_and_keeps_each_rounds_ratio
     assert out["mixed_vs_single_round_median"] == 0.9
     assert out["single_vs_base_by_round"] == [1.0, round(42 / 44, 3), round(20 / 30, 3)]
     assert out["single_vs_base_round_median"] == round(42 / 44, 3)
-    text = _report(out)
+    text = report(out)
     assert "[MISS] mixed / single >= 0.85: 0.750" in text
     assert "[ok] 8 clients / 1 client >= 3: 3.636" in text
     assert "mixed / single by round: 0.900, 0.714, 0.950 (median 0.900)" in text
@@ -83,4 +83,4 @@ def test_summary_and_report_carry_the_median_phases():
                for name in ("base", "single", "mixed", "one")}
     out = summarize(samples)
     assert out["mixed_phases"]["decode_ms"] == 64 and out["mixed_phases"]["prefills"] == 8
-    assert "mixed          64.0     10.0      0.0      0.0    128" in _report(out)
+    assert "mixed          64.0     10.0      0.0      0.0    128" in report(out)
