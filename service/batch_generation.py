@@ -42,7 +42,7 @@ class Row:
         on_text: called with each complete piece of new text (streaming); None when nobody streams.
         on_done: called once with the row when it finishes, for any reason (`error` is set when it failed).
         cancelled: polled between steps; when it returns True the row leaves the batch.
-        set_key: the row's adapter set, for mixed-set batches (rows of one set may share a SetDelta).
+        set_key: the row's adapter set, for mixed-set batches (rows of one set share their corrections).
     """
 
     prompt_ids: list[int]
@@ -65,7 +65,7 @@ class Row:
         return self.on_text is not None or bool(self.params.stop)
 
 
-class Guests(Protocol):
+class RowCorrections(Protocol):
     """Mixed-set batches: per-row corrections applied during each forward pass (see service.mixed_batches)."""
 
     def prefill(self, rows: list[Row], running: list[Row]) -> contextlib.AbstractContextManager[Any]: ...
@@ -101,7 +101,7 @@ class BatchGenerator:
 
     @torch.inference_mode()
     def run(self, rows: list[Row], admit: Callable[[int], list[Row]] | None = None, max_rows: int = 64,
-            guests: Guests | None = None) -> int:
+            corrections: RowCorrections | None = None) -> int:
         """Generates until every row is finished.
 
         A row whose prefill, step, sampling or callbacks raise ends alone with `error` set; the others go on.
@@ -109,9 +109,9 @@ class BatchGenerator:
         Args:
             rows: the rows to start with.
             admit: asked between steps for up to n more rows to join the batch (same adapter set, or any set
-                `guests` accepted).
+                `corrections` accepted).
             max_rows: the batch never grows past this many rows.
-            guests: rows of several adapter sets: wraps every forward pass with their corrections.
+            corrections: rows of several adapter sets: wraps every forward pass with their corrections.
 
         Returns:
             Tokens generated, over all rows.
@@ -121,14 +121,14 @@ class BatchGenerator:
         produced = 0
         while True:
             if pending:
-                batch, made = self._join(batch, [r for r in pending if self._start(r)], guests)
+                batch, made = self._join(batch, [r for r in pending if self._start(r)], corrections)
                 produced += made
             if batch is None:
                 pending = admit(max_rows) if admit else []
                 if not pending:
                     return produced
                 continue
-            batch, made = self._decode(batch, guests)
+            batch, made = self._decode(batch, corrections)
             produced += made
             room = max_rows - (len(batch.rows) if batch else 0)
             pending = admit(room) if admit and room > 0 else []
@@ -142,13 +142,14 @@ class BatchGenerator:
             return False
         return True
 
-    def _join(self, batch: RowBatch | None, rows: list[Row], guests: Guests | None) -> tuple[RowBatch | None, int]:
+    def _join(self, batch: RowBatch | None, rows: list[Row],
+              corrections: RowCorrections | None) -> tuple[RowBatch | None, int]:
         """Prefills `rows` and adds them to the running batch. When a prefill of several rows fails, each is
         prefilled on its own, so only a row that fails alone is dropped."""
         if not rows:
             return batch, 0
         try:
-            with guests.prefill(rows, batch.rows if batch else []) if guests else contextlib.nullcontext():
+            with corrections.prefill(rows, batch.rows if batch else []) if corrections else contextlib.nullcontext():
                 start = time.perf_counter()
                 joined, first = self._prefill(rows)
                 tokens = first.tolist()  # waits for the device, so the time is the pass's
@@ -162,31 +163,31 @@ class BatchGenerator:
                         type(e).__name__, e)
             produced = 0
             for row in rows:
-                batch, made = self._join(batch, [row], guests)
+                batch, made = self._join(batch, [row], corrections)
                 produced += made
             return batch, produced
         produced = self._advance(joined, tokens)
         return self._drop_finished(batch.merge(joined) if batch else joined), produced
 
-    def _decode(self, batch: RowBatch, guests: Guests | None) -> tuple[RowBatch | None, int]:
+    def _decode(self, batch: RowBatch, corrections: RowCorrections | None) -> tuple[RowBatch | None, int]:
         """One decode step for every row. When it fails, each row steps on its own, so only a row that fails
         alone is dropped."""
         length = batch.cache.get_seq_length()
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         try:
-            tokens = self._step(batch, guests)
+            tokens = self._step(batch, corrections)
         except Exception as e:
             log.warning("decode step of %d rows failed (%s: %s); stepping them one at a time", len(batch.rows),
                         type(e).__name__, e)
-            batch, tokens = self._step_alone(batch, length, guests)
+            batch, tokens = self._step_alone(batch, length, corrections)
             if batch is None:
                 return None, 0
         batch.positions = batch.positions + 1
         produced = self._advance(batch, tokens)
         return self._drop_finished(batch), produced
 
-    def _step(self, batch: RowBatch, guests: Guests | None) -> list[int]:
-        with guests.decode(batch.rows) if guests else contextlib.nullcontext():
+    def _step(self, batch: RowBatch, corrections: RowCorrections | None) -> list[int]:
+        with corrections.decode(batch.rows) if corrections else contextlib.nullcontext():
             start = time.perf_counter()
             logits = self.model(
                 input_ids=batch.last[:, None],
@@ -200,14 +201,15 @@ class BatchGenerator:
             metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)
         return tokens
 
-    def _step_alone(self, batch: RowBatch, length: int, guests: Guests | None) -> tuple[RowBatch | None, list[int]]:
+    def _step_alone(self, batch: RowBatch, length: int,
+                    corrections: RowCorrections | None) -> tuple[RowBatch | None, list[int]]:
         """Steps each row of a batch whose step failed on its own; rows that fail again end with their error."""
         batch.truncate(length)  # layers the failed pass reached hold one token too many
         parts, tokens = [], []
         for i, row in enumerate(batch.rows):
             part = batch.select(slice(i, i + 1), self.model.config)
             try:
-                tokens += self._step(part, guests)
+                tokens += self._step(part, corrections)
             except Exception as e:
                 self._fail(row, e)
                 self._finish(row)

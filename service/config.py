@@ -6,14 +6,14 @@ import secrets
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PLACEHOLDER_TOKENS = {"changeme", "change-me", "secret", "admin", "token", "password"}
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SHIRA_", env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="SHIRA_", env_file=".env", extra="ignore", populate_by_name=True)
 
     environment: Literal["development", "production", "test"] = "development"
     host: str = "127.0.0.1"
@@ -47,16 +47,21 @@ class Settings(BaseSettings):
     max_adapters_per_request: int = 8
     max_groups_waited: int = Field(4, description="A request never waits behind more than this many other groups.")
     batch_wait_ms: float = Field(2.0, description="How long the scheduler lets a batch fill before running it.")
-    mixed_batches: bool = Field(True, description="Rows of different adapter sets share one batch (guest rows).")
-    guest_kernel: Literal["native", "torch"] = Field(
-        "native",
-        description="How mixed batches' decode steps correct guest rows on the CPU: the native kernel (built once "
-        "with the machine's C++ compiler; PyTorch's products where it cannot build) or PyTorch's sparse products.",
+    mixed_batches: bool = Field(
+        True, description="Rows of different adapter sets share one batch, each corrected to its own set.",
     )
-    guest_plan_bytes: int = Field(
+    # Named "guest" before; the old variables still work.
+    correction_kernel: Literal["native", "torch"] = Field(
+        "native",
+        validation_alias=AliasChoices("SHIRA_CORRECTION_KERNEL", "SHIRA_GUEST_KERNEL", "correction_kernel"),
+        description="How mixed batches correct rows on the CPU: the native kernel (built once with the machine's C++ "
+        "compiler; PyTorch's products where it cannot build) or PyTorch's sparse products.",
+    )
+    correction_plan_bytes: int = Field(
         256 * 2**20, ge=0,
-        description="Most bytes a mixed batch's decode plan may hold (a copy of each guest row's delta); rows that "
-        "would exceed it wait for room. PyTorch's products only: the native kernel's plans copy nothing.",
+        validation_alias=AliasChoices("SHIRA_CORRECTION_PLAN_BYTES", "SHIRA_GUEST_PLAN_BYTES", "correction_plan_bytes"),
+        description="Most bytes a mixed batch's correction plan may hold (a copy of each corrected row's delta); "
+        "rows that would exceed it wait for room. PyTorch's products only: the native kernel's plans copy nothing.",
     )
 
     @field_validator("admin_token", "read_token")

@@ -2,7 +2,7 @@
 
 A single worker thread owns the model. The asyncio side resolves adapter versions, warms the adapter cache
 and queues the request; the worker takes one group at a time from the scheduler, switches the weights to
-that group's set (a cached SwitchPlan, so a switch is one scatter), and decodes the whole group as a batch.
+that group's set (a cached ScatterPlan, so a switch is one scatter), and decodes the whole group as a batch.
 Switching and forward passes run on the same thread, one after the other, so no forward pass ever sees a
 half-applied set.
 """
@@ -274,7 +274,7 @@ class Engine:
         return pending
 
     async def _check_servable(self, rset: ResolvedSet) -> None:
-        """Builds the set's SwitchPlan before queuing, so a set that cannot be served (a weighted sum that
+        """Builds the set's ScatterPlan before queuing, so a set that cannot be served (a weighted sum that
         overflows, a weight the engine does not switch) is this request's 422 and never reaches a batch."""
         try:
             await run_torch(self._worker.plan_of, rset.key, rset)

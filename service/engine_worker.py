@@ -14,10 +14,10 @@ from collections.abc import Callable
 import psutil
 import torch
 
+from shira_core.batched import PackedDelta, RowCorrector, UnbatchableSetError
 from shira_core.errors import ShiraError
 from shira_core.fusion import fuse_ties
-from shira_core.guest_rows import GuestRows, GuestSetError, SetDelta
-from shira_core.switcher import Switcher, SwitchPlan
+from shira_core.switcher import ScatterPlan, Switcher
 
 from . import metrics
 from .adapter_cache import AdapterCache
@@ -58,11 +58,11 @@ class Worker(threading.Thread):
         self._process = psutil.Process()
         self.mixed: MixedBatches | None = None
         if settings.mixed_batches:
-            guests = GuestRows(generator.model, switcher, native=settings.guest_kernel == "native")
-            log.info("mixed batches: guest rows corrected by %s", "the native kernel" if guests.native
+            corrector = RowCorrector(generator.model, switcher, native=settings.correction_kernel == "native")
+            log.info("mixed batches: rows corrected by %s", "the native kernel" if corrector.native
                      else "PyTorch's sparse products")
-            dense = sum(layer.out_features * layer.in_features for layer in guests.layers)
-            self.mixed = MixedBatches(guests, self.merged, dense, settings.guest_plan_bytes)
+            dense = sum(layer.out_features * layer.in_features for layer in corrector.layers)
+            self.mixed = MixedBatches(corrector, self.merged, dense, settings.correction_plan_bytes)
 
     def run(self) -> None:
         try:
@@ -86,7 +86,7 @@ class Worker(threading.Thread):
                             p.fail(request_error(e, p.rset.label))
         finally:
             if self.mixed is not None:
-                self.mixed.guests.close()  # a restarted engine wraps the layers anew
+                self.mixed.corrector.close()  # a restarted engine wraps the layers anew
 
     def _mixable(self, key: tuple, rset: ResolvedSet) -> bool:
         """Whether rows of this set may share a batch with other sets: the first time, its scatter plan and
@@ -100,7 +100,7 @@ class Worker(threading.Thread):
         try:
             plan = self.plan_of(key, rset)
             delta = self._delta(key, rset, plan)
-        except GuestSetError as e:
+        except UnbatchableSetError as e:
             self.mixed.refuse(key, e)
             return False
         except Exception as e:
@@ -141,7 +141,7 @@ class Worker(threading.Thread):
                 return []
             return self.scheduler.take(key, room)
 
-        self._run_batch(live, switch_s, joiners, guests=None, label=live[0].rset.label)
+        self._run_batch(live, switch_s, joiners, corrections=None, label=live[0].rset.label)
 
     def _serve_mixed(self, pendings: list[Pending]) -> None:
         """One batch of rows of any mixable sets; requests of mixable sets join between steps."""
@@ -162,7 +162,7 @@ class Worker(threading.Thread):
             return self.scheduler.take_oldest(keys, room, self._plan_room(running)) if keys else []
 
         try:
-            self._run_batch(live, 0.0, joiners, guests=self.mixed, label="mixed")
+            self._run_batch(live, 0.0, joiners, corrections=self.mixed, label="mixed")
         finally:
             self.mixed.release()
 
@@ -183,7 +183,7 @@ class Worker(threading.Thread):
         return [p for p in pendings if not p.cancelled]
 
     def _run_batch(self, live: list[Pending], switch_s: float, joiners: Callable[[int, list[tuple]], list],
-                   guests: MixedBatches | None, label: str) -> None:
+                   corrections: MixedBatches | None, label: str) -> None:
         """Decodes `live` as one batch; `joiners(room, running)` hands over queued tickets that may join between
         steps (`running`: the set keys of the rows still decoding)."""
         start = time.monotonic()
@@ -208,7 +208,8 @@ class Worker(threading.Thread):
         metrics.BATCH_SIZE.observe(len(members))
         try:
             rows = [r for r, _ in members]
-            produced = self.generator.run(rows, admit=admit, max_rows=self.settings.max_batch_size, guests=guests)
+            produced = self.generator.run(rows, admit=admit, max_rows=self.settings.max_batch_size,
+                                         corrections=corrections)
         except Exception as e:
             log.exception("generation failed for %s", label)
             for _, p in members:
@@ -233,15 +234,15 @@ class Worker(threading.Thread):
             keys.add(key)
         return keys
 
-    def _delta(self, key: tuple, rset: ResolvedSet, plan: SwitchPlan) -> SetDelta:
-        def build() -> tuple[SetDelta, int]:
-            delta = self.mixed.guests.delta(plan)
+    def _delta(self, key: tuple, rset: ResolvedSet, plan: ScatterPlan) -> PackedDelta:
+        def build() -> tuple[PackedDelta, int]:
+            delta = self.mixed.corrector.delta(plan)
             return delta, delta.nbytes
 
-        return self.cache.get(("guest", key), build, names=rset.names)
+        return self.cache.get(("packed", key), build, names=rset.names)
 
-    def plan_of(self, key: tuple, rset: ResolvedSet) -> SwitchPlan:
-        """The set's SwitchPlan, from the cache or built (any thread: the Switcher locks its reads)."""
+    def plan_of(self, key: tuple, rset: ResolvedSet) -> ScatterPlan:
+        """The set's ScatterPlan, from the cache or built (any thread: the Switcher locks its reads)."""
         return self.cache.get(("plan", key), lambda: self._plan(rset), names=rset.names)
 
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
@@ -267,7 +268,7 @@ class Worker(threading.Thread):
     def _switch(self, key: tuple, rset: ResolvedSet) -> float:
         return self.merged.switch(key, None if key == BASE_KEY else self.plan_of(key, rset))
 
-    def _plan(self, rset: ResolvedSet) -> tuple[SwitchPlan, int]:
+    def _plan(self, rset: ResolvedSet) -> tuple[ScatterPlan, int]:
         items = [(self.cache.adapter(rec), weight) for rec, weight in rset.items]
         if rset.merge == "ties":
             fused = fuse_ties(items, name=rset.label)

@@ -31,7 +31,7 @@ def _describe_limits(settings: Settings) -> str:
         f"upload {settings.max_upload_bytes:,} B, prompt {settings.max_prompt_tokens} tokens, "
         f"max_new_tokens {settings.max_new_tokens}, adapters/request {settings.max_adapters_per_request}, "
         f"batch {settings.max_batch_size}, queue {settings.max_queue}, cache {settings.cache_bytes:,} B, "
-        f"mixed batches {f'on, plan {settings.guest_plan_bytes:,} B' if settings.mixed_batches else 'off'}, "
+        f"mixed batches {f'on, plan {settings.correction_plan_bytes:,} B' if settings.mixed_batches else 'off'}, "
         f"read token {'on' if settings.read_token else 'off'}"
     )
 

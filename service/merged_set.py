@@ -10,7 +10,7 @@ from collections import Counter
 from collections.abc import Hashable
 from typing import Any
 
-from shira_core.switcher import Switcher, SwitchPlan
+from shira_core.switcher import ScatterPlan, Switcher
 
 from . import metrics
 from .types import BASE_KEY
@@ -31,7 +31,7 @@ class MergedSet:
         self.switches: Counter[str] = Counter()
         self.clock = 0.0  # seconds spent switching, ever; a request reports the part it lived through
 
-    def switch(self, key: Hashable, plan: SwitchPlan | None) -> float:
+    def switch(self, key: Hashable, plan: ScatterPlan | None) -> float:
         """Writes the set of `key` into the weights (`plan` None: the base); returns the seconds it took."""
         if key == BASE_KEY or plan is None:
             result = self.switcher.revert()

@@ -20,8 +20,11 @@ GPU_RESERVED_BYTES = Gauge("shira_gpu_memory_reserved_bytes", "CUDA memory reser
 SWITCHER_BYTES = Gauge(
     "shira_switcher_bytes", "Switcher memory by part (saved originals, index buffers, ...).", ["part"]
 )
-GUEST_PLAN_BYTES = Gauge(
-    "shira_guest_plan_bytes", "Bytes of the running mixed batch's decode plan (a copy of each guest row's delta)."
+# The metric names keep the word "guest" so dashboards keep working; the code says correction plan.
+CORRECTION_PLAN_BYTES = Gauge(
+    "shira_guest_plan_bytes",
+    "Bytes of the running mixed batch's correction plan (PyTorch's products: a copy of each corrected row's delta; "
+    "the native kernel copies none)."
 )
 REQUESTS = Counter(
     "shira_requests_total",
@@ -50,10 +53,10 @@ STEP_SECONDS = Histogram(
     ["kind"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
-GUEST_PLAN_BUILD_SECONDS = Histogram(
+CORRECTION_PLAN_BUILD_SECONDS = Histogram(
     "shira_guest_plan_build_seconds",
-    "Time to build correction-plan segments for a mixed batch (one per cohort of rows prefilled together; "
-    "rebuilt when some of a cohort's rows leave or the host changes).",
+    "Time to build a mixed batch's correction plans (segments of rows prefilled together; rebuilt when some of "
+    "their rows leave or the merged set changes).",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
 )
 QUEUE_DEPTH = Gauge("shira_queue_depth", "Requests waiting for a batch.")

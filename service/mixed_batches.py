@@ -1,10 +1,14 @@
-"""Mixed-set batches: rows of several adapter sets decode together, one set (the host) in the weights.
+"""Mixed-set batches: rows of several adapter sets decode together while one set (the merged set) is in the weights.
 
-The worker's side of shira_core.guest_rows: it decides which sets may ride as guests, picks the host before
-each decode step (switching the weights when that pays), and hands the generator the guest plan for each
-forward pass. Rows of the host set cost nothing extra; every other row adds its set's delta, and the host's
-delta negated when the host is not the base: on the CPU in the native kernel, which reads each delta once for
-all its rows, else in one block-diagonal sparse product per layer.
+The worker's side of shira_core.batched (multi-adapter batching, in vLLM's and LoRAX's words): it decides which
+sets may share a batch, picks the merged set before each forward pass (switching the weights when that pays),
+and hands the generator the correction plan for each pass. Rows of the merged set cost nothing extra; every
+other row adds its set's delta, and the merged set's delta negated when that is not the base: on the CPU in the
+native kernel, which reads each delta once for all its rows, else in one block-diagonal sparse product per layer.
+
+Dependencies point down: the worker (service.engine_worker) hands this module each set's scatter plan and delta
+as data; this module switches the weights through the MergedSet it shares with the worker and calls nothing
+above it.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from collections import Counter
 from collections.abc import Hashable, Iterator, Sequence
 from typing import Any
 
-from shira_core.guest_rows import GuestRows, SetDelta
-from shira_core.switcher import SwitchPlan
+from shira_core.batched import PackedDelta, RowCorrector
+from shira_core.switcher import ScatterPlan
 
 from . import metrics
 from .batch_generation import Row
@@ -26,41 +30,40 @@ from .types import BASE_KEY
 
 log = logging.getLogger(__name__)
 
-# A guest costs about GUEST_ENTRY_COST dense weights' worth of forward-pass time per delta entry (measured
-# while serving on a 2-core CPU, SmolLM2-135M fp32, 8 rows: ~1.8 ns per sparse entry per decode step, ~0.08 ns
-# per dense weight and row; on a day the VM ran 2x slower, 4 and 0.26 ns). A set whose delta would cost more
-# than one dense forward pass per step runs in a batch of its own.
-GUEST_ENTRY_COST = 20
+# A corrected row costs about CORRECTION_ENTRY_COST dense weights' worth of forward-pass time per delta entry
+# (measured while serving on a 2-core CPU, SmolLM2-135M fp32, 8 rows: ~1.8 ns per sparse entry per decode step,
+# ~0.08 ns per dense weight and row; on a day the VM ran 2x slower, 4 and 0.26 ns). A set whose delta would cost
+# more than one dense forward pass per step runs in a batch of its own.
+CORRECTION_ENTRY_COST = 20
 
 
 class MixedBatches:
-    """Host choice and guest plans for one worker.
+    """The merged-set choice and the correction plans of one worker.
 
-    The worker hands it each set it may mix as data (`add`: the set's scatter plan and its delta); it switches
-    the weights through the MergedSet it shares with the worker, and calls nothing above it.
+    The worker hands it each set it may mix as data (`add`: the set's scatter plan and its delta).
 
     Args:
-        guests: the GuestRows bound to the model and the Switcher.
+        corrector: the RowCorrector bound to the model and the Switcher.
         merged: the set in the weights, and the switches that change it.
-        dense_params: the model's adaptable Linear weights, for the guest-size limit.
+        dense_params: the model's adaptable Linear weights, for the limit on a corrected set's size.
         plan_bytes: the most bytes a decode plan may hold. The plan copies every corrected row's deltas, so it
             grows with the batch (16 rows of a 1%-dense adapter on a 1.7B model: ~2 GB); rows that would push it
             past this wait for room (`fits`).
     """
 
-    def __init__(self, guests: GuestRows, merged: MergedSet, dense_params: int,
+    def __init__(self, corrector: RowCorrector, merged: MergedSet, dense_params: int,
                  plan_bytes: int = 256 * 2**20) -> None:
-        self.guests = guests
+        self.corrector = corrector
         self.merged = merged
-        self.max_guest_nnz = dense_params // GUEST_ENTRY_COST
+        self.max_corrected_nnz = dense_params // CORRECTION_ENTRY_COST
         self.plan_bytes = plan_bytes
         self.peak_plan_bytes = 0
         self._bytes: dict[Hashable, tuple[int, int]] = {BASE_KEY: (0, 0)}  # a set's (entry, row pointer) bytes
-        self._plans: dict[Hashable, SwitchPlan | None] = {BASE_KEY: None}
-        self._deltas: dict[Hashable, SetDelta] = {BASE_KEY: SetDelta("base", {}, 0)}  # relative to the base
-        self._negated: dict[Hashable, SetDelta] = {}  # host key -> -d_host
+        self._plans: dict[Hashable, ScatterPlan | None] = {BASE_KEY: None}
+        self._deltas: dict[Hashable, PackedDelta] = {BASE_KEY: PackedDelta("base", {}, 0)}  # relative to the base
+        self._negated: dict[Hashable, PackedDelta] = {}  # merged key -> -d_merged
         self._refused: set[Hashable] = set()
-        self.host_switches = 0
+        self.merged_switches = 0
 
     def known(self, key: Hashable) -> bool | None:
         """Whether rows of this set may share a batch with other sets; None until the set is added or refused."""
@@ -68,11 +71,11 @@ class MixedBatches:
             return True
         return False if key in self._refused else None
 
-    def add(self, key: Hashable, plan: SwitchPlan, delta: SetDelta) -> bool:
+    def add(self, key: Hashable, plan: ScatterPlan, delta: PackedDelta) -> bool:
         """Takes a set's scatter plan and delta; False (and refused from then on) when its delta is too large to
-        ride as a guest, so it runs in batches of its own."""
-        if delta.nnz > self.max_guest_nnz:
-            self.refuse(key, f"{delta.nnz:,} entries, over the guest limit of {self.max_guest_nnz:,}")
+        correct rows by, so it runs in batches of its own."""
+        if delta.nnz > self.max_corrected_nnz:
+            self.refuse(key, f"{delta.nnz:,} entries, over the limit of {self.max_corrected_nnz:,} for corrected rows")
             return False
         self._plans[key], self._deltas[key] = plan, delta
         self._bytes[key] = (delta.entry_bytes, delta.pointer_bytes)
@@ -83,39 +86,40 @@ class MixedBatches:
         self._refused.add(key)
 
     def fits(self, keys: Sequence[Hashable]) -> bool:
-        """Whether rows of these (mixable) sets can decode together within the plan budget under some host."""
+        """Whether rows of these (mixable) sets can decode together within the plan budget under some merged set."""
         counts = Counter(keys)
         if len(counts) <= 1:
             return True
-        return min(self._plan_bytes(counts, h) for h in self._hosts(counts)) <= self.plan_bytes
+        return min(self._plan_bytes(counts, h) for h in self._candidates(counts)) <= self.plan_bytes
 
-    def _plan_bytes(self, counts: Counter, host: Hashable) -> int:
-        """An upper bound on the decode plan's bytes for rows of these sets under this host: each guest row's
-        entries (its own delta's, and the host's negated), and row pointers for every row at the plan's depth.
+    def _plan_bytes(self, counts: Counter, target: Hashable) -> int:
+        """An upper bound on the decode plan's bytes for rows of these sets with `target` merged: each corrected row's
+        entries (its own delta's, and the merged set's negated), and row pointers for every row at the plan's depth.
         Deltas for the native kernel report none of these bytes: its plans point into them and copy nothing."""
-        host_entries, host_rows = self._bytes.get(host, (0, 0))
-        entries = sum(n * (self._bytes[k][0] + host_entries) for k, n in counts.items() if k != host)
-        pointers = max(host_rows, *(self._bytes[k][1] for k in counts))
-        return entries + (1 if host == BASE_KEY else 2) * pointers * sum(counts.values())
+        merged_entries, merged_rows = self._bytes.get(target, (0, 0))
+        entries = sum(n * (self._bytes[k][0] + merged_entries) for k, n in counts.items() if k != target)
+        pointers = max(merged_rows, *(self._bytes[k][1] for k in counts))
+        return entries + (1 if target == BASE_KEY else 2) * pointers * sum(counts.values())
 
-    def _hosts(self, counts: Counter) -> set[Hashable]:
+    def _candidates(self, counts: Counter) -> set[Hashable]:
         active = self.merged.key
         return {active, BASE_KEY, *counts} if active in self._deltas else {BASE_KEY, *counts}
 
     def release(self) -> None:
-        """Forgets the decode plan and the deltas of sets other than the host's (the adapter cache keeps them)."""
+        """Forgets the correction plans and the deltas of sets other than the merged one (the adapter cache keeps
+        them)."""
         wanted = {BASE_KEY, self.merged.key}
         for key in [k for k in self._deltas if k not in wanted]:
             self._deltas.pop(key, None)
             self._plans.pop(key, None)
             self._bytes.pop(key, None)
         self._negated.clear()
-        self.guests.forget_plans()
-        metrics.GUEST_PLAN_BYTES.set(0)
+        self.corrector.forget_plans()
+        metrics.CORRECTION_PLAN_BYTES.set(0)
 
-    def choose_host(self, rows: Sequence[Row]) -> Hashable:
+    def choose_merged(self, rows: Sequence[Row]) -> Hashable:
         """The set to hold in the weights for these rows: the least per-step correction over the rows' horizon,
-        counting the switch needed to get there, among the hosts whose plan fits the budget."""
+        counting the switch needed to get there, among the sets whose plan fits the budget."""
         active = self.merged.key
         counts = Counter(r.set_key for r in rows)
         if len(counts) == 1:
@@ -124,70 +128,70 @@ class MixedBatches:
         nnz = {k: self._deltas[k].nnz for k in counts}
         active_nnz = self._deltas[active].nnz if active in self._deltas else 0
 
-        def cost(host: Hashable) -> float:
-            host_nnz = nnz.get(host, active_nnz if host == active else 0)
-            written = 0 if host == active else active_nnz + host_nnz
-            guests = [(nnz[k], n) for k, n in counts.items() if k != host]
-            return horizon * self.guests.step_cost(guests, host_nnz) + self.guests.switch_cost(written)
+        def cost(target: Hashable) -> float:
+            merged_nnz = nnz.get(target, active_nnz if target == active else 0)
+            written = 0 if target == active else active_nnz + merged_nnz
+            corrected = [(nnz[k], n) for k, n in counts.items() if k != target]
+            return horizon * self.corrector.step_cost(corrected, merged_nnz) + self.corrector.switch_cost(written)
 
-        candidates = self._hosts(counts)
+        candidates = self._candidates(counts)
         within = {h for h in candidates if self._plan_bytes(counts, h) <= self.plan_bytes}
-        if not within:  # admission keeps some host within budget; this only guards a budget lowered mid-batch
+        if not within:  # admission keeps some merged set within budget; this only guards a budget lowered mid-batch
             within = {min(candidates, key=lambda h: self._plan_bytes(counts, h))}
         return min(within, key=lambda h: (cost(h), h != active))
 
     @contextlib.contextmanager
     def decode(self, rows: Sequence[Row]) -> Iterator[None]:
-        """Picks the host (switching when it pays) and applies the guests' corrections in the step inside."""
-        host = self.choose_host(rows)
-        if host != self.merged.key:
-            self.merged.switch(host, self._plans.get(host))
-            self.host_switches += 1
-        plan = self._plan(rows, host)
+        """Picks the merged set (switching when it pays) and applies the rows' corrections in the step inside."""
+        target = self.choose_merged(rows)
+        if target != self.merged.key:
+            self.merged.switch(target, self._plans.get(target))
+            self.merged_switches += 1
+        plan = self._plan(rows, target)
         nbytes = plan.nbytes if plan is not None else 0
         if nbytes > self.peak_plan_bytes:
             self.peak_plan_bytes = nbytes
-        metrics.GUEST_PLAN_BYTES.set(nbytes)
-        with self.guests.active(plan):
+        metrics.CORRECTION_PLAN_BYTES.set(nbytes)
+        with self.corrector.active(plan):
             yield
 
     @contextlib.contextmanager
     def prefill(self, rows: Sequence[Row], running: Sequence[Row] = ()) -> Iterator[None]:
-        """Prefills new rows under the host the next decode step will choose for them and the `running` rows, so
-        their plan segment is built once, under that host, and the step reuses it. (Prefilling joiners under the
-        old host gave their segment the old host's delta; the step then switched and rebuilt every row's.)"""
-        host = self.choose_host([*running, *rows])
-        if host != self.merged.key:
-            self.merged.switch(host, self._plans.get(host))
-            self.host_switches += 1
-        with self.guests.active(self._plan(rows, host, running)):
+        """Prefills new rows under the merged set the next decode step will choose for them and the `running`
+        rows, so their plan segment is built once, under that set, and the step reuses it. (Prefilling joiners
+        under the old merged set gave their segment its delta; the step then switched and rebuilt every row's.)"""
+        target = self.choose_merged([*running, *rows])
+        if target != self.merged.key:
+            self.merged.switch(target, self._plans.get(target))
+            self.merged_switches += 1
+        with self.corrector.active(self._plan(rows, target, running)):
             yield
 
-    def _plan(self, rows: Sequence[Row], host: Hashable, running: Sequence[Row] | None = None):
+    def _plan(self, rows: Sequence[Row], target: Hashable, running: Sequence[Row] | None = None):
         """The decode plan for `rows`, or with `running` given, the prefill plan for `rows` joining those."""
-        terms = [self._terms(r.set_key, host) for r in rows]
+        terms = [self._terms(r.set_key, target) for r in rows]
         if not any(terms):
             return None
-        builds, start = self.guests.builds, time.perf_counter()
+        builds, start = self.corrector.builds, time.perf_counter()
         if running is None:
-            plan = self.guests.decode_plan(terms, _horizon(rows))
+            plan = self.corrector.decode_plan(terms, _horizon(rows))
         else:
-            before = [self._terms(r.set_key, host) for r in running]
-            plan = self.guests.prefill_plan(terms, before, _horizon([*running, *rows]))
-        if self.guests.builds != builds:
-            metrics.GUEST_PLAN_BUILD_SECONDS.observe(time.perf_counter() - start)
+            before = [self._terms(r.set_key, target) for r in running]
+            plan = self.corrector.prefill_plan(terms, before, _horizon([*running, *rows]))
+        if self.corrector.builds != builds:
+            metrics.CORRECTION_PLAN_BUILD_SECONDS.observe(time.perf_counter() - start)
         return plan
 
-    def _terms(self, key: Hashable, host: Hashable) -> tuple[SetDelta, ...]:
-        """The deltas that turn the host's output into this set's: d_key - d_host."""
-        if key == host:
+    def _terms(self, key: Hashable, target: Hashable) -> tuple[PackedDelta, ...]:
+        """The deltas that turn the merged set's output into this set's: d_key - d_merged."""
+        if key == target:
             return ()
         own = () if key == BASE_KEY else (self._deltas[key],)
-        if host == BASE_KEY:
+        if target == BASE_KEY:
             return own
-        if host not in self._negated:  # shares the index arrays with the host's delta; only the values are new
-            self._negated[host] = self._deltas[host].negated()
-        return (*own, self._negated[host])
+        if target not in self._negated:  # shares the index arrays with its delta; only the values are new
+            self._negated[target] = self._deltas[target].negated()
+        return (*own, self._negated[target])
 
 
 def _horizon(rows: Sequence[Row]) -> int:

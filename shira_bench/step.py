@@ -8,7 +8,7 @@ machine's speed hits each alike:
               corrected by its own delta (guest rows)
   mixed-host  the same rows with the most common set applied; its rows run free, the others carry their own
               delta and the host's, negated
-The two mixed variants run on the native kernel (shira_core.guest_kernel) where it builds, and again as
+The two mixed variants run on the native kernel (shira_core.batched.kernel) where it builds, and again as
 `mixed-torch` and `mixed-host-torch` on PyTorch's sparse products, side by side.
 This is the serving benchmark's mixed/single ratio without HTTP, scheduling or batch churn, so it shows what
 the corrections themselves cost on this device. `--model random` builds a SmolLM2-135M-shaped model with random
@@ -107,13 +107,13 @@ class StepReport:
 def _mixed_variants(lm: torch.nn.Module, switcher: Any, plans: list[Any], sets: list[int],
                     host: int) -> tuple[Variants, list[Any]]:
     """The mixed and mixed-host variants, on the native kernel where it builds and on PyTorch's products
-    (`-torch`); returns them with the GuestRows that run them."""
-    from shira_core.guest_rows import GuestRows
+    (`-torch`); returns them with the RowCorrector that run them."""
+    from shira_core.batched import RowCorrector
 
     variants: Variants = {}
     all_guests = []
     for native in (True, False):
-        guests = GuestRows(lm, switcher, native=native)
+        guests = RowCorrector(lm, switcher, native=native)
         if native and not guests.native:
             continue  # no kernel here: the PyTorch variants only
         all_guests.append(guests)
@@ -142,7 +142,7 @@ def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, all_guests
             else:
                 switcher.apply(applied)
             for guests in all_guests:  # as the service does after a mixed batch: plain steps carry no wrappers,
-                guests.forget_plans()  # and one GuestRows' wrappers never sit over the other's
+                guests.forget_plans()  # and one RowCorrector' wrappers never sit over the other's
             times = timer.steps_ms(states[name], context, steps if r else 2)
             if r:
                 rounds[name].append(times)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -191,7 +193,16 @@ def experiment(
 
 
 def main() -> None:
+    _venv_tools_on_path()
     app()
+
+
+def _venv_tools_on_path() -> None:
+    """Puts this Python's bin directory on PATH: a venv that is not activated (`.venv/bin/shira serve`) keeps
+    ninja there, which building or loading the row-correction kernel runs."""
+    bindir = str(Path(sys.executable).parent)
+    if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
 
 if __name__ == "__main__":

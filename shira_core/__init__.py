@@ -13,22 +13,25 @@ from .errors import (
     LengthMismatchError,
     MaskError,
     NonFiniteValueError,
+    NotAdaptableError,
     ShapeMismatchError,
     ShiraError,
     UnknownLayerError,
+    UnsupportedDtypeError,
 )
 from .fingerprint import BaseFingerprint
 from .fusion import fuse, fuse_linear, fuse_ties
 from .io import adapter_from_bytes, adapter_to_bytes, load_adapter, save_adapter
 from .masks import MASKS, build_masks
 from .peft_interop import load_peft_adapter, peft_from_bytes, peft_to_bytes, save_peft_adapter
-from .switcher import Switcher, SwitchPlan, SwitchResult
+from .switcher import ScatterPlan, Switcher, SwitchResult
 
 __all__ = [
-    "AdapterFormatError", "BaseFingerprint", "BaseModelMismatchError", "FusionError", "IndexOrderError",
-    "IndexRangeError", "LengthMismatchError", "MASKS", "MaskError", "NonFiniteValueError", "ShapeMismatchError",
-    "ShiraError", "SparseAdapter", "SparseDelta", "SwitchPlan", "SwitchResult", "Switcher", "UnknownLayerError",
-    "adapter_from_bytes", "adapter_to_bytes", "build_masks", "fuse", "fuse_linear", "fuse_ties", "load_adapter",
-    "load_peft_adapter", "peft_from_bytes", "peft_to_bytes", "save_adapter", "save_peft_adapter",
+    "adapter_from_bytes", "adapter_to_bytes", "AdapterFormatError", "BaseFingerprint", "BaseModelMismatchError",
+    "build_masks", "fuse", "fuse_linear", "fuse_ties", "FusionError", "IndexOrderError", "IndexRangeError",
+    "LengthMismatchError", "load_adapter", "load_peft_adapter", "MaskError", "MASKS", "NonFiniteValueError",
+    "NotAdaptableError", "peft_from_bytes", "peft_to_bytes", "save_adapter", "save_peft_adapter", "ScatterPlan",
+    "ShapeMismatchError", "ShiraError", "SparseAdapter", "SparseDelta", "Switcher", "SwitchResult",
+    "UnknownLayerError", "UnsupportedDtypeError",
 ]
 __version__ = "0.1.0"

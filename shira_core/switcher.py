@@ -2,7 +2,7 @@
 
 At bind time every adaptable weight is moved into one flat buffer per (dtype, device), and each parameter
 becomes a view of it. A whole adapter set is then one sorted index vector per buffer, so a switch is a single
-``index_copy_`` however many layers it touches. A SwitchPlan keeps, for its indices, the original base values
+``index_copy_`` however many layers it touches. A ScatterPlan keeps, for its indices, the original base values
 and the adapted values; apply writes the adapted ones, revert writes the originals back, so the base weights
 return bit for bit, whatever sequence of switches ran before.
 """
@@ -27,8 +27,12 @@ ALIGN = 64  # elements; keeps every weight view cache-line aligned inside the fl
 WeightedSet = Sequence[tuple[SparseAdapter, float]]
 
 
-@dataclass
-class _Slot:
+@dataclass(frozen=True)
+class BoundWeight:
+    """One adaptable weight as the Switcher holds it: a view at `offset` of flat buffer `group`."""
+
+    name: str
+    param: nn.Parameter
     group: int
     offset: int
     shape: tuple[int, ...]
@@ -48,7 +52,7 @@ class _Group:
 
 
 @dataclass
-class _Part:
+class ScatterPart:
     group: int
     index: torch.Tensor  # int64, sorted, unique, on the group's device
     adapted: torch.Tensor  # W0[i] + sum(alpha * delta[i]) in the weight dtype
@@ -56,11 +60,11 @@ class _Part:
 
 
 @dataclass
-class SwitchPlan:
+class ScatterPlan:
     """A prepared adapter set: indices, adapted values and saved originals for each flat buffer."""
 
     label: str
-    parts: list[_Part]
+    parts: list[ScatterPart]
     index_key: str
 
     @property
@@ -98,7 +102,7 @@ class Switcher:
     def __init__(self, model: nn.Module, names: Iterable[str] | None = None) -> None:
         self.model = model
         self._lock = threading.RLock()
-        self._active: SwitchPlan | None = None
+        self._active: ScatterPlan | None = None
         params = unique_parameters(model)
         aliases = tied_aliases(model)
         if names is None:
@@ -108,7 +112,7 @@ class Switcher:
             unknown = [n for n in chosen if n not in params]
             if unknown:
                 raise UnknownLayerError(f"model has no parameter(s) {unknown[:3]}")
-        self._slots: dict[str, _Slot] = {}
+        self._slots: dict[str, BoundWeight] = {}
         self._groups: list[_Group] = []
         self._params: dict[str, nn.Parameter] = {n: params[n] for n in chosen}
         self._bind(chosen, params)
@@ -139,14 +143,19 @@ class Switcher:
                 view = buffer[off : off + p.numel()].view(p.shape)
                 view.copy_(p.data)
                 p.data = view
-                self._slots[name] = _Slot(gid, off, tuple(p.shape))
+                self._slots[name] = BoundWeight(name, p, gid, off, tuple(p.shape))
 
     @property
     def names(self) -> list[str]:
         return list(self._params)
 
     @property
-    def active(self) -> SwitchPlan | None:
+    def weights(self) -> list[BoundWeight]:
+        """Every bound weight once (tied aliases left out), in binding order: where each lives in the buffers."""
+        return [self._slots[name] for name in self._params]
+
+    @property
+    def active(self) -> ScatterPlan | None:
         return self._active
 
     def _check_bound(self) -> None:
@@ -157,7 +166,7 @@ class Switcher:
                     "(model.to()/half()?); create a new Switcher after moving the model"
                 )
 
-    def _slot(self, adapter: SparseAdapter, name: str, shape: tuple[int, ...]) -> _Slot:
+    def _slot(self, adapter: SparseAdapter, name: str, shape: tuple[int, ...]) -> BoundWeight:
         slot = self._slots.get(name)
         if slot is None:
             raise UnknownLayerError(
@@ -183,7 +192,7 @@ class Switcher:
             )
 
     @torch.no_grad()
-    def prepare(self, items: WeightedSet, label: str | None = None) -> SwitchPlan:
+    def prepare(self, items: WeightedSet, label: str | None = None) -> ScatterPlan:
         """Builds the plan for W0 + sum(alpha_k * delta_k) over the union of the set's indices.
 
         Args:
@@ -191,7 +200,7 @@ class Switcher:
             label: a name for logs and metrics; defaults to "a:0.5+b:0.5".
 
         Returns:
-            A SwitchPlan, valid for as long as this Switcher lives.
+            A ScatterPlan, valid for as long as this Switcher lives.
         """
         if not items:
             raise FusionError("an adapter set needs at least one adapter")
@@ -213,9 +222,9 @@ class Switcher:
         for part in parts:
             digest.update(str(part.group).encode())
             digest.update(part.index.cpu().numpy().tobytes())
-        return SwitchPlan(label, parts, digest.hexdigest())
+        return ScatterPlan(label, parts, digest.hexdigest())
 
-    def _build_part(self, gid: int, pieces: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> _Part:
+    def _build_part(self, gid: int, pieces: list[tuple[torch.Tensor, torch.Tensor]], label: str) -> ScatterPart:
         buffer = self._groups[gid].buffer
         # Stable, so entries that overlap are summed in item order: the same set always gives the same bits.
         idx, order = torch.sort(torch.cat([p[0] for p in pieces]), stable=True)
@@ -235,7 +244,7 @@ class Switcher:
                 f"{int(bad.sum()):,} adapted weights overflow {buffer.dtype} (NaN or inf) for set {label!r}, "
                 f"first in layer {layer} at flat index {first - self._slots[layer].offset:,}; lower the adapter weights"
             )
-        return _Part(gid, idx, adapted, original)
+        return ScatterPart(gid, idx, adapted, original)
 
     def _restore_originals(self, gid: int, idx: torch.Tensor, values: torch.Tensor) -> None:
         # While a set is applied the buffer holds adapted values at its indices; take the saved originals.
@@ -248,16 +257,16 @@ class Switcher:
             hit = part.index[pos] == idx
             values[hit] = part.original[pos[hit]]
 
-    def _write(self, plan: SwitchPlan, adapted: bool) -> int:
+    def _write(self, plan: ScatterPlan, adapted: bool) -> int:
         for part in plan.parts:
             src = part.adapted if adapted else part.original
             self._groups[part.group].buffer.index_copy_(0, part.index, src)
         return plan.nnz
 
     @torch.no_grad()
-    def apply(self, target: WeightedSet | SwitchPlan) -> SwitchResult:
+    def apply(self, target: WeightedSet | ScatterPlan) -> SwitchResult:
         """Makes `target` the active set: a plain apply from the base, or a transition from the active set."""
-        plan = target if isinstance(target, SwitchPlan) else self.prepare(target)
+        plan = target if isinstance(target, ScatterPlan) else self.prepare(target)
         with self._lock:
             self._check_bound()
             start = time.perf_counter()
@@ -273,7 +282,7 @@ class Switcher:
             kind = "apply" if current is None else "transition"
             return SwitchResult(kind, written, time.perf_counter() - start)
 
-    def transition(self, target: WeightedSet | SwitchPlan) -> SwitchResult:
+    def transition(self, target: WeightedSet | ScatterPlan) -> SwitchResult:
         """Moves from the active set straight to `target` (same as apply; named for readability)."""
         return self.apply(target)
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from shira_bench.step import zipf_rows
 from shira_cli.main import app
-from shira_core import guest_kernel
+from shira_core.batched import kernel as correction_kernel
 
 
 def test_zipf_rows_repeat_for_a_seed_and_favour_the_first_sets():
@@ -42,7 +42,7 @@ def test_bench_step_times_every_variant_and_hosts_the_most_common_set():
 
 
 def test_bench_step_without_the_kernel_times_pytorchs_products_only(monkeypatch):
-    monkeypatch.setattr(guest_kernel, "load", lambda: None)  # as where no C++ compiler can build it
+    monkeypatch.setattr(correction_kernel, "load", lambda: None)  # as where no C++ compiler can build it
     report = bench_step_report("--steps", "1", "--repeats", "1")
     assert not report["setup"]["native_kernel"] and report["setup"]["corrected_layers"] == 2 * 7
     assert set(report["ms_per_step"]) == {"base", "single", "mixed-torch", "mixed-host-torch"}

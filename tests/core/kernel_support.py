@@ -1,4 +1,4 @@
-"""Whether this machine can build the native decode kernel (shira_core.guest_kernel), for tests that need it."""
+"""Whether this machine can build the native decode kernel (shira_core.batched.kernel), for tests that need it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 
 def can_build_kernel() -> bool:
-    """What guest_kernel.load needs: torch's C++ compiler (CXX, else c++) and ninja (on PATH or beside Python)."""
+    """What correction_kernel.load needs: torch's C++ compiler (CXX, else c++) and ninja (on PATH or beside Python)."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     ninja = shutil.which("ninja") or shutil.which("ninja", path=str(Path(sys.executable).parent))
     return bool(compiler and ninja)

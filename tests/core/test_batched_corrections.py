@@ -1,4 +1,4 @@
-"""Guest rows: a batch whose rows use different adapter sets gives each row its own set's logits."""
+"""Batched row corrections: a batch whose rows use different adapter sets gives each row its own set's logits."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import copy
 import pytest
 import torch
 
+from shira_core.batched import RowCorrector, UnbatchableSetError
 from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.guest_rows import GuestRows, GuestSetError
 from shira_core.masks import rand_mask
 from shira_core.models import linear_weight_names
 from shira_core.switcher import Switcher
@@ -27,12 +27,12 @@ def adapter(model, name: str, seed: int, density: float = 0.1, std: float = 0.3)
 
 @pytest.fixture(params=[False], ids=["torch"])
 def bound(request, tiny_llama):
-    """A model, its Switcher and GuestRows, and plans of four sets. PyTorch's products unless a test asks for the
+    """A model, its Switcher and RowCorrector, and plans of four sets. PyTorch's products unless a test asks for the
     native kernel (`@pytest.mark.parametrize("bound", [True], indirect=True)`)."""
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher, native=request.param)
+    guests = RowCorrector(model, switcher, native=request.param)
     assert guests.native == request.param  # the kernel builds here: a machine with a C++ compiler
     plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
     plans.append(switcher.prepare([(adapter(model, "m1", 7), 0.6), (adapter(model, "m2", 8), 0.5)]))
@@ -125,7 +125,7 @@ def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_lla
     model = tiny_llama(seed=5, vocab=64, hidden=96)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher, native=True)
+    guests = RowCorrector(model, switcher, native=True)
     plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
     sets = [2, 0, None, 2, 1, 0]
     ids = torch.randint(0, 64, (len(sets), 11), generator=torch.Generator().manual_seed(10))
@@ -134,7 +134,7 @@ def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_lla
     terms = hosted_terms(guests, switcher, plans, sets, host)
     builds = guests.builds
     prefill = guests.prefill_plan(terms[3:], running=terms[:3], steps=30)
-    assert prefill.nbytes == 0 and guests._segments == {}  # no block-diagonal copy for the prefill either
+    assert prefill.nbytes == 0 and guests.planner._segments == {}  # no block-diagonal copy for the prefill either
     with guests.active(prefill):
         got = logits(model, ids[3:])
     with guests.active(guests.prefill_plan(terms)):
@@ -154,7 +154,7 @@ def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_lla
 def test_the_native_kernel_corrects_a_bf16_model_in_fp32(tiny_llama):
     model = tiny_llama(seed=3, vocab=64, hidden=32).to(torch.bfloat16)
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher)
+    guests = RowCorrector(model, switcher)
     assert guests.native and guests.dtype == torch.float32  # the sums run in fp32, rounded into bf16 outputs
     plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(2)]
     ids = torch.randint(0, 64, (3, 1), generator=torch.Generator().manual_seed(11))
@@ -183,7 +183,7 @@ def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(b
 
 def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bound, monkeypatch):
     model, switcher, guests, plans, _ = bound
-    monkeypatch.setattr("shira_core.guest_rows.SEGMENT_PRODUCT_SECONDS", 0.0)  # an extra segment is free
+    monkeypatch.setattr("shira_core.batched.planner.SEGMENT_PRODUCT_SECONDS", 0.0)  # an extra segment is free
     a, b, c = (guests.delta(p) for p in plans[:3])
     first, joiners = [(a,), (b,)], [(c,), (), (a,)]
     ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(5))
@@ -210,7 +210,7 @@ def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bo
 
 def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_leavers_keep_parts(bound, monkeypatch):
     model, switcher, guests, plans, _ = bound
-    monkeypatch.setattr("shira_core.guest_rows.SEGMENT_PRODUCT_SECONDS", 1.0)  # any rebuild pays
+    monkeypatch.setattr("shira_core.batched.planner.SEGMENT_PRODUCT_SECONDS", 1.0)  # any rebuild pays
     a, b, c = (guests.delta(p) for p in plans[:3])
     ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(7))
 
@@ -230,7 +230,7 @@ def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_lea
     assert guests.builds == 3  # built by the prefill
     check(everyone, [0, 1, 2, 0, None], slice(0, 5))
     left = guests.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: a part, no rebuild
-    assert guests.builds == 4 and len(guests._segments) == 1
+    assert guests.builds == 4 and len(guests.planner._segments) == 1
     check(left, [2, 0, None], slice(2, 5))
     guests.forget_plans()
     guests.prefill_plan([(a,), (b,), (c,)])
@@ -241,7 +241,7 @@ def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_lea
 
 def test_a_plan_of_too_many_segments_is_built_as_one(bound, monkeypatch):
     model, switcher, guests, plans, _ = bound
-    monkeypatch.setattr("shira_core.guest_rows.MAX_SEGMENTS", 1)
+    monkeypatch.setattr("shira_core.batched.planner.MAX_SEGMENTS", 1)
     a, b, c = (guests.delta(p) for p in plans[:3])
     guests.prefill_plan([(a,), (b,)])
     guests.prefill_plan([(c,), (a,)])
@@ -335,7 +335,7 @@ def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
     name = "model.embed_tokens.weight"  # tied to lm_head: used by nn.Embedding too
     shape = tuple(dict(model.named_parameters())[name].shape)
     emb = SparseAdapter("emb", {name: SparseDelta(name, shape, torch.tensor([3, 70]), torch.tensor([0.5, -0.5]))})
-    with pytest.raises(GuestSetError, match=r"'emb'.*embed_tokens"):
+    with pytest.raises(UnbatchableSetError, match=r"'emb'.*embed_tokens"):
         guests.delta(switcher.prepare([(emb, 1.0)], label="emb"))
 
 

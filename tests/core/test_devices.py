@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shira_core.guest_rows import GuestRows
+from shira_core.batched import RowCorrector
 from shira_core.io import adapter_from_bytes, adapter_to_bytes
 from shira_core.models import linear_weight_names
 from shira_core.switcher import Switcher
@@ -57,7 +57,7 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
     model = _on(tiny_llama, device, dtype)
     snap = snapshot(model)
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher)
+    guests = RowCorrector(model, switcher)
     linear = linear_weight_names(model)
     plans = [switcher.prepare([(random_adapter(model, f"s{i}", i + 1, linear, scale=0.3), 1.0)]) for i in range(3)]
     sets = [0, None, 1, 2, 0]  # None: a base row

@@ -160,8 +160,8 @@ def test_max_new_tokens_one_finishes_at_prefill(gen, model, tokenizer):
 # -- one row's failure stays its own -----------------------------------------------------------------
 
 
-class FailingGuests:
-    """A Guests double: forward passes run plainly, except that any pass holding a row of `bad` raises."""
+class FailingCorrections:
+    """A RowCorrections double: forward passes run plainly, except that any pass holding a row of `bad` raises."""
 
     def __init__(self, bad: str, phase: str, after_tokens: int = 0) -> None:
         self.bad, self.phase, self.after_tokens = bad, phase, after_tokens
@@ -188,7 +188,7 @@ def test_a_row_whose_decode_pass_fails_leaves_alone(gen, model, tokenizer):
     done = []
     rows = [Row(ids(tokenizer, p), greedy(n=10), set_key=k, on_done=done.append)
             for p, k in zip(PROMPTS[:3], ["a", "bad", "b"], strict=True)]
-    gen.run(rows, guests=FailingGuests("bad", "decode", after_tokens=3))
+    gen.run(rows, corrections=FailingCorrections("bad", "decode", after_tokens=3))
     bad = rows[1]
     assert bad.finish_reason == "error" and "injected" in str(bad.error) and len(bad.tokens) == 3
     assert bad in done and len(done) == 3  # every row is reported, the failed one too
@@ -205,7 +205,7 @@ def test_a_joiner_whose_prefill_fails_leaves_alone_and_the_batch_goes_on(gen, mo
         calls.append(room)
         return late if len(calls) == 2 else []
 
-    gen.run(first, admit=admit, guests=FailingGuests("bad", "prefill"))
+    gen.run(first, admit=admit, corrections=FailingCorrections("bad", "prefill"))
     assert late[0].finish_reason == "error" and late[0].tokens == []
     expect_reference(model, [first[0], late[1]])
 

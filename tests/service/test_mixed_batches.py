@@ -27,7 +27,7 @@ def tiny_mixed(request, tokenizer, registry):  # noqa: F811 - the module fixture
     PyTorch's products (`@pytest.mark.parametrize("tiny_mixed", ["torch"], indirect=True)`)."""
     model = tiny_model(len(tokenizer))
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    settings = Settings(max_queue=64, batch_wait_ms=20.0, mixed_batches=True, guest_kernel=request.param)
+    settings = Settings(max_queue=64, batch_wait_ms=20.0, mixed_batches=True, correction_kernel=request.param)
     engine = Engine(settings, registry, model=model, tokenizer=tokenizer)
     engine.start()
     for seed, name in enumerate(["a1", "a2", "a3"], start=1):
@@ -108,7 +108,7 @@ def test_the_decode_plan_stays_within_its_byte_budget_and_rows_past_it_wait(tiny
     assert [r.completion_tokens for r in bounded] == [6] * len(sets)
     assert [[a["name"] for a in r.adapters] for r in bounded] == [list(s) for s in sets]
     assert len({r.text for r in free}) > 1
-    assert metrics.GUEST_PLAN_BYTES._value.get() == 0  # released with the batch
+    assert metrics.CORRECTION_PLAN_BYTES._value.get() == 0  # released with the batch
     engine.stop()
     engine.switcher.revert()
     assert all(torch.equal(engine.model.state_dict()[k], v) for k, v in snapshot.items())
@@ -124,10 +124,10 @@ def test_a_zero_plan_budget_makes_the_sets_take_turns(tiny_mixed):
     async def run():
         return await asyncio.gather(*(engine.generate(request(ids, *s, n=4)) for s in [("a1",), ("a2",), ()] * 2))
 
-    switches = engine._worker.mixed.host_switches
+    switches = engine._worker.mixed.merged_switches
     results = asyncio.run(run())
     assert engine._worker.mixed.peak_plan_bytes == 0  # no step decoded rows of two sets
-    assert engine._worker.mixed.host_switches - switches >= 2  # the sets took turns instead
+    assert engine._worker.mixed.merged_switches - switches >= 2  # the sets took turns instead
     assert [r.completion_tokens for r in results] == [4] * 6
 
 
@@ -156,7 +156,7 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs(data_dir):
             return await asyncio.gather(*(engine.generate(r) for r in reqs))
 
         results = asyncio.run(run())
-        assert engine.status()["batches"] <= 2 and engine._worker.mixed.host_switches <= 2
+        assert engine.status()["batches"] <= 2 and engine._worker.mixed.merged_switches <= 2
     finally:
         engine.stop()
         for key in client.scan_iter(match=f"{registry.namespace}:*"):
@@ -181,17 +181,17 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
     from service.batch_generation import Row
     from service.generation import SamplingParams
     from service.mixed_batches import MixedBatches
-    from shira_core.guest_rows import GuestRows, SetDelta
+    from shira_core.batched import PackedDelta, RowCorrector
     from shira_core.switcher import Switcher
 
     model = tiny_model(len(tokenizer))
     switcher = Switcher(model)
     merged = SimpleNamespace(key="A")
     active = ActiveKey(merged)
-    mixed = MixedBatches(GuestRows(model, switcher, native=native), merged, dense_params=10**9)
-    assert mixed.guests.native == native
+    mixed = MixedBatches(RowCorrector(model, switcher, native=native), merged, dense_params=10**9)
+    assert mixed.corrector.native == native
     keys = ["A", "B", "C", "D", "E", "F", "G"]
-    assert all(mixed.add(k, None, SetDelta(k, {}, 1000)) for k in keys)
+    assert all(mixed.add(k, None, PackedDelta(k, {}, 1000)) for k in keys)
 
     def rows(own: int) -> list:
         sets = ["A"] * own + keys[1 : 1 + 8 - own]
@@ -200,19 +200,19 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
     if native:
         # The host's negated delta is read once for all guest rows, and so is A's own under the base: with
         # half the rows on A the two hosts cost the same per step, so the one in the weights stays.
-        assert mixed.choose_host(rows(4)) == "A"
-        assert mixed.choose_host(rows(2)) == ()  # 6 guests carrying A's negated delta too: the base pays
+        assert mixed.choose_merged(rows(4)) == "A"
+        assert mixed.choose_merged(rows(2)) == ()  # 6 guests carrying A's negated delta too: the base pays
         active[0] = ()
-        assert mixed.choose_host(rows(4)) == ()
-        assert mixed.choose_host(rows(6)) == "A"
+        assert mixed.choose_merged(rows(4)) == ()
+        assert mixed.choose_merged(rows(6)) == "A"
         return
     # Half the rows on the host's set: each other row would carry two deltas (8 entries-worth at the slower
     # two-term rate) against one each (8) under the base, so the base wins even after paying the switch.
-    assert mixed.choose_host(rows(4)) == ()
-    assert mixed.choose_host(rows(6)) == "A"  # 2 guests x 2 deltas: cheaper than 8 rows x 1
+    assert mixed.choose_merged(rows(4)) == ()
+    assert mixed.choose_merged(rows(6)) == "A"  # 2 guests x 2 deltas: cheaper than 8 rows x 1
     active[0] = ()
-    assert mixed.choose_host(rows(4)) == ()
-    assert mixed.choose_host(rows(8)) == "A"
+    assert mixed.choose_merged(rows(4)) == ()
+    assert mixed.choose_merged(rows(8)) == "A"
 
 
 class ActiveKey:
@@ -260,13 +260,13 @@ def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
     mixed = engine._worker.mixed
     ids = engine.encode(prompt="Hello there")
     depths: list[int] = []
-    plan_for = mixed.guests.prefill_plan
+    plan_for = mixed.corrector.prefill_plan
 
     def spy(terms, *args):
         depths.append(max(len(t) for t in terms))
         return plan_for(terms, *args)
 
-    mixed.guests.prefill_plan = spy
+    mixed.corrector.prefill_plan = spy
 
     async def run():
         await engine.generate(request(ids, "a1", n=2))  # leaves a1 in the weights

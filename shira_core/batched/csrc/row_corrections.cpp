@@ -1,4 +1,4 @@
-// Guest-row corrections for one Linear layer in a forward pass (a decode step or a prefill), on the CPU.
+// Row corrections for one Linear layer in a forward pass (a decode step or a prefill), on the CPU.
 //
 // out[r] += delta @ x[r] for every term (a set's sparse delta for this layer) and each row r the term applies
 // to. A term's entries are read once for all its rows, so rows that share a set share the work, with uint8 rows

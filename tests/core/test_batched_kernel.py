@@ -10,33 +10,33 @@ import sys
 import pytest
 import torch
 
-from shira_core import guest_kernel
-from shira_core.guest_rows import GuestRows
+from shira_core.batched import RowCorrector
+from shira_core.batched import kernel as correction_kernel
 from shira_core.switcher import Switcher
 
 from .kernel_support import needs_kernel
-from .test_guest_rows import adapter, isolated
+from .test_batched_corrections import adapter, isolated
 
 
 @needs_kernel
 def test_the_kernel_builds_on_this_machine():
-    assert guest_kernel.load() is not None  # g++ and ninja are here; `make install` built it
+    assert correction_kernel.load() is not None  # g++ and ninja are here; `make install` built it
 
 
 def test_without_a_compiler_load_warns_and_gives_none(tmp_path):
     env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))
-    code = "from shira_core import guest_kernel; print('kernel:', guest_kernel.load())"
+    code = "from shira_core.batched import kernel as correction_kernel; print('kernel:', correction_kernel.load())"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "kernel: None" in done.stdout
-    assert "guest-row decode kernel unavailable, using PyTorch's sparse products" in done.stderr
+    assert "row-correction kernel unavailable, using PyTorch's sparse products" in done.stderr
 
 
 def test_without_the_kernel_guest_rows_run_pytorchs_products(tiny_llama, monkeypatch):
-    monkeypatch.setattr(guest_kernel, "load", lambda: None)
+    monkeypatch.setattr(correction_kernel, "load", lambda: None)
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     switcher = Switcher(model)
-    guests = GuestRows(model, switcher)  # native asked for, not available
+    guests = RowCorrector(model, switcher)  # native asked for, not available
     assert not guests.native
     plan = switcher.prepare([(adapter(model, "a", 1), 1.0)])
     delta = guests.delta(plan)
@@ -57,18 +57,18 @@ def test_without_the_kernel_guest_rows_run_pytorchs_products(tiny_llama, monkeyp
 
 @pytest.fixture
 def no_compiler(monkeypatch, tmp_path):
-    """guest_kernel.load() as on a machine without a C++ compiler: torch finds no CXX and no earlier build."""
+    """correction_kernel.load() as on a machine without a C++ compiler: torch finds no CXX and no earlier build."""
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
-    guest_kernel.load.cache_clear()
+    correction_kernel.load.cache_clear()
     yield
-    guest_kernel.load.cache_clear()  # later tests load the real kernel again
+    correction_kernel.load.cache_clear()  # later tests load the real kernel again
 
 
 def test_with_the_compiler_hidden_native_rows_fall_back_to_the_same_outputs(tiny_llama, no_compiler, caplog):
-    with caplog.at_level(logging.WARNING, logger=guest_kernel.__name__):
-        assert guest_kernel.load() is None
-    assert "guest-row decode kernel unavailable, using PyTorch's sparse products" in caplog.text
+    with caplog.at_level(logging.WARNING, logger=correction_kernel.__name__):
+        assert correction_kernel.load() is None
+    assert "row-correction kernel unavailable, using PyTorch's sparse products" in caplog.text
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     switcher = Switcher(model)
     plans = [switcher.prepare([(adapter(model, name, seed), 1.0)]) for name, seed in (("a", 1), ("b", 2))]
@@ -76,7 +76,7 @@ def test_with_the_compiler_hidden_native_rows_fall_back_to_the_same_outputs(tiny
     ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(2))
     got = {}
     for native in (True, False):
-        guests = GuestRows(model, switcher, native=native)
+        guests = RowCorrector(model, switcher, native=native)
         assert not guests.native  # asked for or not, the rows run on PyTorch's products
         deltas = [guests.delta(p) for p in plans]
         decode = guests.decode_plan([() if s is None else (deltas[s],) for s in sets])
