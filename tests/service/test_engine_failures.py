@@ -9,7 +9,8 @@ import uuid
 
 import pytest
 import torch
-from support import TEST_REDIS_URL, random_adapter, request, tiny_model, upload
+from random_adapters import random_adapter
+from support import TEST_REDIS_URL, request, tiny_model, upload
 
 from service.config import Settings
 from service.embedded_redis import connect
@@ -36,7 +37,8 @@ def real(data_dir):
     engine = Engine(Settings(batch_wait_ms=50.0, mixed_batches=True), registry, model=model, tokenizer=tok)
     engine.start()
     for i in range(3):
-        upload(registry, random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02), engine.fingerprint)
+        adapter = random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02, mask_seed_step=1000, fingerprint=True)
+        upload(registry, adapter, engine.fingerprint)
     prompts = {"capital": engine.encode(prompt="The capital of France is"),
                "colours": engine.encode(messages=[{"role": "user", "content": "Name three colours."}])}
     yield engine, registry, prompts
@@ -116,12 +118,27 @@ def test_a_row_that_fails_mid_batch_fails_alone(real, monkeypatch):
 
 def test_a_joiner_that_fails_leaves_the_running_batch_alone(real, monkeypatch):
     engine, _, prompts = real
-    running = [request(prompts["capital"], "m0", n=24), request(prompts["colours"], n=24)]
+    running = [request(prompts["capital"], "m0", n=32), request(prompts["colours"], n=32)]
     joiners = [request(prompts["capital"], "m1", n=N), request(prompts["colours"], "m2", n=N)]
     expected = alone(engine, running + joiners)
     batches = engine.status()["batches"]
+
+    async def streamed(r: GenerationRequest, decoding: asyncio.Event):
+        async for item in engine.stream(r):
+            if isinstance(item, str) and item:
+                decoding.set()  # the batch is decoding: the joiners arrive now
+            result = item
+        return result
+
+    async def run():
+        decoding = asyncio.Event()
+        first = [asyncio.ensure_future(streamed(r, decoding)) for r in running]
+        await asyncio.wait_for(decoding.wait(), WAIT_S)
+        late = [asyncio.ensure_future(engine.generate(r)) for r in joiners]
+        return await asyncio.wait_for(asyncio.gather(*first, *late, return_exceptions=True), WAIT_S)
+
     with failing(monkeypatch, "prefill", key_of(engine, "m1")):
-        results = together(engine, running + joiners, delays=[0, 0, 0.6, 0.6])
+        results = asyncio.run(run())
     assert engine.status()["batches"] - batches == 1  # the joiners really joined the running batch
     assert isinstance(results[2], GenerationFailedError)
     assert [results[i].text for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
@@ -195,7 +212,8 @@ def test_unservable_set_without_mixed_batches_is_a_422(tokenizer, registry):
     try:
         for adapter in unservable(model):
             store_unchecked(registry, adapter, engine.fingerprint)
-        upload(registry, random_adapter(model, "ok", 1, density=0.1, std=0.5), engine.fingerprint)
+        adapter = random_adapter(model, "ok", 1, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+        upload(registry, adapter, engine.fingerprint)
         ids = engine.encode(prompt="Hello")
         results = together(engine, [request(ids, "norm"), request(ids, "huge", weights=[10]), request(ids, "ok")])
         assert [type(r) for r in results[:2]] == [InvalidAdapterError] * 2
