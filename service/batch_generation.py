@@ -21,9 +21,10 @@ import torch
 from transformers import DynamicCache
 
 from . import metrics
-from .generation import SamplingParams
+from .detokenize import Detokenizer
 from .row_batch import RowBatch
 from .sampling import sample
+from .types import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +57,9 @@ class Row:
     finish_reason: str | None = None  # "stop", "length", "cancelled" or "error"
     error: BaseException | None = None
     generator: torch.Generator | None = None
-    _emitted: int = 0
-    _prefix: int = 0  # incremental detokenisation offsets into `tokens`
-    _read: int = 0
+    emitted: int = 0  # characters of `text` streamed so far
+    prefix_offset: int = 0  # incremental detokenisation offsets into `tokens` (as in vLLM)
+    read_offset: int = 0
 
     @property
     def incremental(self) -> bool:
@@ -95,6 +96,7 @@ class BatchGenerator:
                     eos_ids.update(source)
         self.eos_ids = eos_ids
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.text = Detokenizer(tokenizer, self.eos_ids)
         # transformers 5 renamed past_key_values to cache; use whichever this version takes.
         params = inspect.signature(model.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
@@ -269,33 +271,12 @@ class BatchGenerator:
         elif len(row.tokens) >= row.params.max_new_tokens:
             row.finish_reason = "length"
         if row.incremental:
-            self._detokenize(row, final=row.finish_reason is not None)
-
-    def _detokenize(self, row: Row, final: bool) -> None:
-        ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.eos_ids else row.tokens
-        before = self.tokenizer.decode(ids[row._prefix : row._read], skip_special_tokens=True)
-        after = self.tokenizer.decode(ids[row._prefix :], skip_special_tokens=True)
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            start = max(0, len(row.text) - max((len(s) for s in row.params.stop), default=0))
-            row.text += after[len(before):]
-            row._prefix, row._read = row._read, len(ids)
-            if row.params.stop:
-                hits = [pos for s in row.params.stop if (pos := row.text.find(s, start)) >= 0]
-                if hits:
-                    row.text = row.text[: min(hits)]
-                    row.finish_reason = "stop"
-                    final = True
-        if row.on_text is not None:
-            end = len(row.text) if final else len(row.text) - _held_back(row.text, row.params.stop)
-            if end > row._emitted:
-                row.on_text(row.text[row._emitted : end])
-                row._emitted = end
+            self.text.step(row, final=row.finish_reason is not None)
 
     def _finish(self, row: Row) -> None:
         if row.error is None and not row.incremental:
-            ids = row.tokens[:-1] if row.tokens and row.tokens[-1] in self.eos_ids else row.tokens
             try:
-                row.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                row.text = self.text.whole(row)
             except Exception as e:
                 self._fail(row, e)
         if row.on_done is not None:
@@ -315,14 +296,3 @@ class BatchGenerator:
             return None
         batch.keep(keep)
         return batch
-
-
-def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string (not emitted yet)."""
-    longest = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), longest, -1):
-            if text.endswith(stop[:n]):
-                longest = n
-                break
-    return longest

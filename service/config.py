@@ -29,8 +29,12 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Unset: start an embedded Redis-compatible server.")
     data_dir: Path = Field(Path("data"), description="The embedded registry and converted-model copies live here.")
     model_cache: bool = Field(
-        True, description="Keep a safetensors copy of a GGUF base under data_dir/models: later starts skip the "
-        "conversion (~20 s for the bundled model, ~1 s after).",
+        True, description="Keep a safetensors copy of a GGUF base: later starts skip the conversion (~20 s for the "
+        "bundled model, ~1 s after).",
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="Where converted copies live. Unset: data_dir/models. An image sets it outside the data "
+        "volume, so the copy made at build time is not hidden by a mounted volume.",
     )
     namespace: str = "shira"
 
@@ -73,9 +77,11 @@ class Settings(BaseSettings):
             raise ValueError(f"{info.field_name} must be at least 16 characters")
         return value
 
-    @property
-    def model_cache_dir(self) -> Path | None:
-        return self.data_dir / "models" if self.model_cache else None
+    def converted_models_dir(self) -> Path | None:
+        """Where the engine keeps converted copies of the base model; None when the cache is off."""
+        if not self.model_cache:
+            return None
+        return self.model_cache_dir or self.data_dir / "models"
 
     def ensure_admin_token(self) -> tuple[str, bool]:
         """Returns (token, generated). Without SHIRA_ADMIN_TOKEN a random one is made, never an open door."""

@@ -7,13 +7,16 @@ or the admin token; otherwise they are open. A missing token is 401, a wrong one
 from __future__ import annotations
 
 import hmac
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from .api.serving import GenerationHandler
 from .config import Settings
 from .errors import ForbiddenError, UnauthorizedError
+from .registry import RedisRegistry
+from .types import EngineAPI
 
 _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -23,11 +26,16 @@ def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Any:
+def get_engine(request: Request) -> EngineAPI:
     return request.app.state.engine
 
 
-def get_registry(request: Request) -> Any:
+def get_generation(request: Request) -> GenerationHandler:
+    """The handler every generation route goes through (made with the engine at start-up)."""
+    return request.app.state.generation
+
+
+def get_registry(request: Request) -> RedisRegistry:
     return request.app.state.registry
 
 
@@ -58,9 +66,8 @@ def require_reader(request: Request, credentials: Credentials) -> None:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-# Typed as Any so importing the routes does not import torch; the objects are service.engine.Engine and
-# service.registry.RedisRegistry.
-EngineDep = Annotated[Any, Depends(get_engine)]
-RegistryDep = Annotated[Any, Depends(get_registry)]
+EngineDep = Annotated[EngineAPI, Depends(get_engine)]
+RegistryDep = Annotated[RedisRegistry, Depends(get_registry)]
+GenerationDep = Annotated[GenerationHandler, Depends(get_generation)]
 AdminDep = Annotated[None, Depends(require_admin)]
 ReaderDep = Annotated[None, Depends(require_reader)]

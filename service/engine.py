@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,7 @@ from shira_core.fingerprint import BaseFingerprint
 from shira_core.io import adapter_from_bytes
 from shira_core.switcher import Switcher
 
-from . import metrics
+from . import metrics, validation
 from .adapter_cache import AdapterCache
 from .batch_generation import BatchGenerator
 from .config import Settings
@@ -36,11 +35,10 @@ from .errors import (
     MalformedUploadError,
     RegistryUnavailableError,
 )
-from .generation import MERGES, AdapterSet, GenerationRequest, GenerationResult
 from .scheduler import Scheduler
 from .startup import StartupPhases
 from .torch_thread import available_cpus, run_torch
-from .types import Pending, ResolvedSet, resolved_set
+from .types import AdapterSet, GenerationRequest, GenerationResult, Pending, ResolvedSet, resolved_set
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +87,8 @@ class Engine:
             from shira_core.models import load_base
 
             self.model, self.tokenizer, source = load_base(
-                self.settings.base_model, self.settings.device, self.settings.dtype, self.settings.model_cache_dir
+                self.settings.base_model, self.settings.device, self.settings.dtype,
+                self.settings.converted_models_dir()
             )
             self.model_label = source.label
             phases.done("model")
@@ -172,12 +171,7 @@ class Engine:
             ids = self.tokenizer(text, add_special_tokens=False).input_ids
         else:
             ids = self.tokenizer(prompt).input_ids
-        if not ids:
-            raise InvalidRequestError("the prompt is empty; send at least one token of text")
-        if len(ids) > self.settings.max_prompt_tokens:
-            raise InvalidRequestError(
-                f"the prompt is {len(ids)} tokens, the limit is {self.settings.max_prompt_tokens}; shorten it"
-            )
+        validation.check_prompt(ids, self.settings.max_prompt_tokens)
         return list(ids)
 
     def validate_upload(self, data: bytes, name: str) -> SparseAdapter:
@@ -198,7 +192,7 @@ class Engine:
 
     async def resolve_set(self, adapters: AdapterSet) -> ResolvedSet:
         """The set with its registry records; hand it to the request (`resolved`) so it is read only once."""
-        self._check_set(adapters)
+        validation.check_set(adapters, self.settings.max_adapters_per_request)
         if adapters.is_base:
             return resolved_set(adapters, [])
         # One thread for all the set's reads: each wake-up of a thread preempts a decoding torch thread.
@@ -219,32 +213,12 @@ class Engine:
             self._latest[name] = record
         return record
 
-    def _check_set(self, adapters: AdapterSet) -> None:
-        limit = self.settings.max_adapters_per_request
-        if len(adapters.refs) > limit:
-            raise InvalidRequestError(f"{len(adapters.refs)} adapters in one request; the limit is {limit}")
-        if adapters.merge not in MERGES:
-            raise InvalidRequestError(f"unknown merge {adapters.merge!r}; use one of {', '.join(MERGES)}")
-        names = [r.name for r in adapters.refs]
-        if len(set(names)) != len(names):
-            raise InvalidRequestError(f"adapter set {adapters.label()} names an adapter twice")
-        for ref in adapters.refs:
-            if not isinstance(ref.weight, (int, float)) or not math.isfinite(ref.weight):
-                raise InvalidRequestError(f"weight of adapter {ref.name!r} must be a finite number")
-
     def _check_request(self, request: GenerationRequest) -> None:
-        p, s = request.params, self.settings
-        if not request.prompt_ids:
-            raise InvalidRequestError("the prompt is empty; send at least one token")
-        if len(request.prompt_ids) > s.max_prompt_tokens:
-            n = len(request.prompt_ids)
-            raise InvalidRequestError(f"the prompt is {n} tokens, the limit is {s.max_prompt_tokens}")
-        if not 1 <= p.max_new_tokens <= s.max_new_tokens:
-            raise InvalidRequestError(f"max_new_tokens must be in 1..{s.max_new_tokens}, got {p.max_new_tokens}")
-        if not (math.isfinite(p.temperature) and p.temperature >= 0):
-            raise InvalidRequestError(f"temperature must be >= 0, got {p.temperature}")
-        if not 0 < p.top_p <= 1:
-            raise InvalidRequestError(f"top_p must be in (0, 1], got {p.top_p}")
+        """The request's limits (service.validation, the same rules the HTTP layer applies) and what only this
+        model decides: token ids in its vocabulary, and the context window."""
+        p = request.params
+        validation.check_prompt(request.prompt_ids, self.settings.max_prompt_tokens)
+        validation.check_sampling(p, self.settings.max_new_tokens)
         vocab = self.model.config.vocab_size
         if any(not 0 <= t < vocab for t in request.prompt_ids):
             raise InvalidRequestError(f"prompt token ids must be in 0..{vocab - 1}")

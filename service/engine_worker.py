@@ -24,11 +24,10 @@ from .adapter_cache import AdapterCache
 from .batch_generation import BatchGenerator, Row
 from .config import Settings
 from .errors import EngineUnavailableError, GenerationFailedError, InvalidAdapterError, ServiceError
-from .generation import GenerationResult, Timings
 from .merged_set import MergedSet
 from .mixed_batches import MixedBatches
 from .scheduler import Scheduler
-from .types import BASE_KEY, Pending, ResolvedSet
+from .types import BASE_KEY, GenerationResult, Pending, ResolvedSet, Timings
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +269,7 @@ class Worker(threading.Thread):
 
     def _plan(self, rset: ResolvedSet) -> tuple[ScatterPlan, int]:
         items = [(self.cache.adapter(rec), weight) for rec, weight in rset.items]
-        if rset.merge == "ties":
+        if rset.combination == "ties":
             fused = fuse_ties(items, name=rset.label)
             plan = self.switcher.prepare([(fused, 1.0)], label=rset.label)
         else:

@@ -1,4 +1,4 @@
-"""Every error a client can cause, each with its HTTP status. Handlers in service/main.py map them."""
+"""Every error a client can cause, each with its HTTP status; service/api/exception_handlers.py maps them."""
 
 from __future__ import annotations
 
@@ -66,3 +66,9 @@ class EngineUnavailableError(ServiceError):
     """The engine is starting or shutting down."""
 
     status, code = 503, "engine_unavailable"
+
+
+class RegistryIntegrityError(ServiceError):
+    """Stored bytes do not hash to the recorded sha256: the Redis data was changed behind our back."""
+
+    status, code = 500, "registry_integrity"

@@ -16,10 +16,12 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from .api.handlers import register_handlers
+from .api.exception_handlers import register_handlers
 from .api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from .api.routes import adapters, generate, health, openai
+from .api.serving import GenerationHandler
 from .config import Settings
+from .startup import StartupPhases
 from .torch_thread import run_torch
 
 log = logging.getLogger("shira.service")
@@ -76,17 +78,23 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         embedded = None
         reg, eng = registry, engine
+        phases = StartupPhases()
         if reg is None:
             reg, embedded, url = await asyncio.to_thread(_connect_registry, settings)
             log.info("registry: %s (namespace %r)%s", _redact(url), settings.namespace,
                      " [embedded]" if embedded else "")
+            phases.done("registry")
         if eng is None:
             from .engine import Engine
 
             eng = Engine(settings, reg)
+            phases.done("engine_import")
         app.state.registry, app.state.engine = reg, eng
+        app.state.generation = GenerationHandler(eng, settings)
         try:
             await run_torch(eng.start)  # the model loads on a thread that exits: see service.torch_thread
+            phases.done("engine_start")
+            phases.log("app")
             log.info("model: %s on %s, %s CPU threads", getattr(eng, "model_label", "?"), getattr(eng, "device", "?"),
                      getattr(eng, "threads", "?"))
             log.info("limits: %s", _describe_limits(settings))
@@ -105,6 +113,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
     app.state.settings = settings
     app.state.engine = engine
     app.state.registry = registry
+    app.state.generation = GenerationHandler(engine, settings) if engine is not None else None
     app.state.started = time.time()
     register_handlers(app)
     # The last one added runs first: the request metric also counts the body limit's 413s.

@@ -1,7 +1,8 @@
 """Request and response bodies of the HTTP API, native and OpenAI-compatible, in one place.
 
 Static limits live in the field constraints, so the OpenAPI schema states them; limits that depend on Settings
-(max_new_tokens, adapters per request) are checked in service.api.requests and answer with the same 422 shape.
+(max_new_tokens, adapters per request) are checked by service.validation, for the HTTP layer and the engine
+alike, and answer with the same 422 shape.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-MergeKind = Literal["linear", "ties"]
+CombinationType = Literal["linear", "ties"]  # PEFT's combination_type names
 MIN_TEMPERATURE = 0.01  # below it, logits / temperature overflow; 0 is greedy
 MAX_STOP_STRINGS = 16
 
@@ -59,6 +60,15 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entry for error statuses, all in the one ErrorResponse shape."""
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+GENERATION_ERRORS = error_responses(400, 401, 403, 404, 413, 422, 500, 503)
+ADAPTER_ERRORS = error_responses(400, 401, 403, 404, 409, 413, 422, 503)
 
 
 # --- adapters -------------------------------------------------------------------------------------------
@@ -152,7 +162,10 @@ class GenerateBody(BaseModel):
     adapters: list[AdapterWeight] | None = Field(
         None, description="Weighted set; or use ?adapter= / ?adapters=. Empty or left out: the base model."
     )
-    merge: MergeKind | None = Field(None, description="How weighted sets are fused (default linear).")
+    combination: CombinationType | None = Field(
+        None, description="How a weighted set is combined (PEFT's combination_type): linear (default) or ties.",
+    )
+    merge: CombinationType | None = Field(None, description="The old name of `combination`, still accepted.")
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateBody:
@@ -182,7 +195,8 @@ class GenerateResponse(BaseModel):
     completion_tokens: int
     finish_reason: str
     adapters: list[AdapterUsed] = Field(description="The resolved set, versions pinned; [] for the base model.")
-    merge: str
+    combination: str = Field(description="How the set was combined: linear or ties.")
+    merge: str = Field(description="The same as `combination`, under its old name.")
     timings: TimingsOut
 
 

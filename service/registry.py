@@ -37,13 +37,13 @@ from .errors import (
     AdapterConflictError,
     AdapterNotFoundError,
     InvalidRequestError,
+    RegistryIntegrityError,
     RegistryUnavailableError,
-    ServiceError,
 )
-from .generation import check_name
 from .registry_events import RegistryListener
 from .registry_records import AdapterRecord, describe_client, pairs
 from .registry_scripts import COMMIT, DELETE, RECORD, STAMP
+from .validation import check_name
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ PENDING_SCAN_KEYS = 10_000  # pending() counts at most this many chunks...
 PENDING_SCAN_CALLS = 100  # ...in at most this many SCAN round trips
 # What clients read when Redis fails: the address and the cause are for the server log only.
 UNAVAILABLE = "the adapter registry is unavailable; retry shortly (the server log names the cause)"
-
-
-class RegistryIntegrityError(ServiceError):
-    """Stored bytes do not hash to the recorded sha256: the Redis data was changed behind our back."""
-
-    status, code = 500, "registry_integrity"
 
 
 def _guarded(method: Callable) -> Callable:
@@ -305,7 +299,7 @@ class RedisRegistry:
         return data
 
     @_guarded
-    def list(self, offset: int = 0, limit: int = 50) -> tuple[builtins.list[AdapterRecord], int]:
+    def list_latest(self, offset: int = 0, limit: int = 50) -> tuple[builtins.list[AdapterRecord], int]:
         """The latest version of each name, sorted by name, and the total number of names."""
         if not 0 <= offset <= MAX_LIST_OFFSET or not 1 <= limit <= MAX_LIST_LIMIT:
             raise InvalidRequestError(
@@ -395,6 +389,6 @@ class RedisRegistry:
         (Redis restarted or unreachable; it reconnects with backoff) it also delivers
         ``{"op": "resync", "name": "", "version": 0}``: events may have been missed, drop cached state.
         """
-        listener = RegistryListener(self, callback, stop)
+        listener = RegistryListener(self.client, self.channel, self.where, callback, stop)
         listener.start()
         return listener

@@ -7,12 +7,8 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import redis
-
-if TYPE_CHECKING:
-    from .registry import RedisRegistry
 
 log = logging.getLogger(__name__)
 MAX_BACKOFF_S = 5.0
@@ -21,30 +17,37 @@ RESYNC = {"op": "resync", "name": "", "version": 0}
 
 
 class RegistryListener(threading.Thread):
-    """The pub/sub thread behind RedisRegistry.listen; ``subscribed`` is set once events can arrive."""
+    """The pub/sub thread behind RedisRegistry.listen; ``subscribed`` is set once events can arrive.
 
-    def __init__(
-        self, registry: RedisRegistry, callback: Callable[[dict], None], stop: threading.Event
-    ) -> None:
-        super().__init__(name=f"registry-events-{registry.namespace}", daemon=True)
-        self.registry, self.callback, self.stop = registry, callback, stop
+    Args:
+        client: the registry's Redis client.
+        channel: its event channel.
+        where: the server's address, for the log only.
+        callback: called with each event (and a resync after a lost subscription).
+        stop: set it to end the thread.
+    """
+
+    def __init__(self, client: redis.Redis, channel: str, where: str, callback: Callable[[dict], None],
+                 stop: threading.Event) -> None:
+        super().__init__(name=f"registry-events-{channel}", daemon=True)
+        self.client, self.channel, self.where = client, channel, where
+        self.callback, self.stop = callback, stop
         self.subscribed = threading.Event()
         self.reconnects = 0
 
     def run(self) -> None:
         backoff = 0.1
         while not self.stop.is_set():
-            pubsub = self.registry.client.pubsub()
+            pubsub = self.client.pubsub()
             try:
-                pubsub.subscribe(self.registry.channel)
+                pubsub.subscribe(self.channel)
                 while not self.stop.is_set():
                     message = pubsub.get_message(timeout=0.5)
                     if message is not None:
                         self._handle(message)
                         backoff = 0.1
             except redis.RedisError as e:
-                where = self.registry.where
-                log.warning("registry events from %s lost (%s); retrying in %.1f s", where, e, backoff)
+                log.warning("registry events from %s lost (%s); retrying in %.1f s", self.where, e, backoff)
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
             finally:

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from .batch_generation import Row
+from .types import SamplingParams
 
 # Temperatures are floored here so that scaling by 1/T stays finite in fp32 (the API refuses T below
 # service.protocol's MIN_TEMPERATURE anyway; this guards direct callers).
 TEMPERATURE_FLOOR = 1e-4
 
 
-def sample(logits: torch.Tensor, rows: list[Row]) -> torch.Tensor:
+class Sampled(Protocol):
+    """What sampling reads of a row (service.batch_generation.Row)."""
+
+    params: SamplingParams
+    generator: torch.Generator | None  # None: greedy
+
+
+def sample(logits: torch.Tensor, rows: Sequence[Sampled]) -> torch.Tensor:
     """The next token of each row: greedy rows take the argmax, sampled rows draw from softmax(logits / T) cut to
     top_p. Never raises on extreme settings: T is floored, the most likely token always survives the top_p cut,
     and a row whose distribution is unusable (NaN or infinite logits) keeps its argmax."""

@@ -1,16 +1,81 @@
-"""Types the engine's layers share: the resolved adapter set, a queued request, and the base model's key."""
+"""Types the HTTP layer and the engine share: adapter sets, requests and results, the resolved set, a queued
+request, and the base model's key (no FastAPI, no torch here)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
-
-from .generation import AdapterRef, AdapterSet, GenerationRequest
+from typing import Any, Protocol
 
 BASE_KEY: tuple = ()  # the set key of the base model: no adapter merged into the weights
+COMBINATIONS = ("linear", "ties")  # how a weighted set is combined: PEFT's combination_type
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One adapter in a request: a name, an optional pinned version (name@3) and a weight."""
+
+    name: str
+    version: int | None = None
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class AdapterSet:
+    """The adapters a request runs with. Empty means the base model."""
+
+    refs: tuple[AdapterRef, ...] = ()
+    combination: str = "linear"
+
+    @property
+    def is_base(self) -> bool:
+        return not self.refs
+
+    def label(self) -> str:
+        if self.is_base:
+            return "base"
+        parts = [f"{r.name}{'@' + str(r.version) if r.version else ''}:{r.weight:g}" for r in self.refs]
+        plain = self.combination == "linear" or len(self.refs) == 1
+        return "+".join(parts) + ("" if plain else f"[{self.combination}]")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenised prompt plus how to sample and which adapters to use."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapters: AdapterSet = field(default_factory=AdapterSet)
+    resolved: Any = None  # Engine.resolve_set(adapters) when the caller has it: saves a second registry read
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    switch_ms: float = 0.0
+    generate_ms: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" or "length"
+    adapters: list[dict]  # [{"name", "version", "weight"}], resolved versions; [] for the base model
+    timings: Timings
 
 
 @dataclass(frozen=True)
@@ -22,7 +87,7 @@ class ResolvedSet:
 
     key: tuple
     items: tuple[tuple[Any, float], ...]  # (AdapterRecord, weight), in request order
-    merge: str
+    combination: str
     pinned: AdapterSet
     label: str
 
@@ -37,15 +102,15 @@ class ResolvedSet:
 def resolved_set(adapters: AdapterSet, records: list[Any]) -> ResolvedSet:
     """Builds the ResolvedSet of `adapters` from their registry records (same order)."""
     if not records:
-        return ResolvedSet(BASE_KEY, (), "linear", AdapterSet((), adapters.merge), "base")
+        return ResolvedSet(BASE_KEY, (), "linear", AdapterSet((), adapters.combination), "base")
     items = tuple((rec, float(ref.weight)) for ref, rec in zip(adapters.refs, records, strict=True))
-    merge = adapters.merge if len(items) > 1 else "linear"  # one adapter: every merge is the same
-    key = (tuple(sorted((rec.name, rec.version, rec.sha256, w) for rec, w in items)), merge)
+    combination = adapters.combination if len(items) > 1 else "linear"  # one adapter: every combination is one
+    key = (tuple(sorted((rec.name, rec.version, rec.sha256, w) for rec, w in items)), combination)
     pinned = AdapterSet(
         tuple(AdapterRef(rec.name, rec.version, ref.weight) for ref, rec in zip(adapters.refs, records, strict=True)),
-        adapters.merge,
+        adapters.combination,
     )
-    return ResolvedSet(key, items, merge, pinned, pinned.label())
+    return ResolvedSet(key, items, combination, pinned, pinned.label())
 
 
 @dataclass(eq=False)
@@ -69,3 +134,25 @@ class Pending:
     def fail(self, error: BaseException) -> None:
         self.finished = True
         self.put(error)
+
+
+class EngineAPI(Protocol):
+    """What the HTTP layer uses of the engine (service.engine.Engine; tests pass a double). A protocol, so the
+    routes are typed without importing torch."""
+
+    model_label: str
+    fingerprint: Any
+
+    def ready(self) -> bool: ...
+
+    def status(self) -> dict: ...
+
+    def encode(self, prompt: str | None = None, messages: list[dict] | None = None) -> list[int]: ...
+
+    def validate_upload(self, data: bytes, name: str) -> Any: ...
+
+    async def resolve_set(self, adapters: AdapterSet) -> ResolvedSet: ...
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult: ...
+
+    def stream(self, request: GenerationRequest) -> AsyncIterator[str | GenerationResult]: ...

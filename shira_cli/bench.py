@@ -109,3 +109,17 @@ def bench_step(
         measured = step.measure(model=model, layers=layers, device=device, dtype=dtype, rows=rows,
                                 adapters=adapters, steps=steps, repeats=repeats)
         typer.echo(json.dumps(measured.report, indent=2) if json_out else measured.table())
+
+
+@bench_app.command("startup")
+def bench_startup(
+    rounds: Annotated[int, typer.Option(help="First and warm starts per kind; medians are reported.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Seconds from `shira serve` to /ready: a first start (empty data dir) and a warm start (converted model
+    cached), with each start-up phase the server logs."""
+    from shira_bench import startup
+
+    with one_line_errors():
+        result = startup.measure(dict(os.environ), rounds, log=_progress)
+        typer.echo(json.dumps(result) if json_out else startup.report(result))

@@ -8,14 +8,8 @@ from shira_core.delta import SparseAdapter
 from shira_core.errors import AdapterFormatError, ShiraError
 from shira_core.fingerprint import BaseFingerprint, unique_parameters
 from shira_core.io import load_adapter, save_adapter
-from shira_core.peft_interop import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_peft_adapter,
-    peft_rank,
-    peft_records_shapes,
-    save_peft_adapter,
-)
+from shira_core.peft_export import peft_rank, save_peft_adapter
+from shira_core.peft_interop import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter, peft_records_shapes
 
 FORMATS = ("native", "peft")
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from shira_core.training.data import Encoded
 
-from .experiment import FUSIONS, KINDS, LABELS, ExperimentConfig, progress_bar
+from .experiment_config import FUSIONS, KINDS, LABELS, ExperimentConfig, progress_bar
 from .experiment_train import Adapters
 
 Log = Callable[[str], None]

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .experiment import FUSIONS, KINDS, LABELS, ExperimentConfig
+from .experiment_config import FUSIONS, KINDS, LABELS, ExperimentConfig
 
 START, END = "<!-- experiment:results:start -->", "<!-- experiment:results:end -->"
 

@@ -23,7 +23,7 @@ from shira_core.baselines import LoraFactors, train_lora
 from shira_core.training import TrainConfig, masks_for, train_adapter
 from shira_core.training.data import Example
 
-from .experiment import KINDS, ExperimentConfig, progress_bar
+from .experiment_config import KINDS, ExperimentConfig, progress_bar
 
 # (task, kind) -> a SparseAdapter, or LoraFactors for kind "lora"
 Adapters = dict[tuple[str, str], Any]

@@ -178,7 +178,7 @@ def experiment(
     """Single-adapter, fusion (Table 4) and orthogonality results for SHiRA-WM/SNIP vs LoRA, on CPU, into --out."""
     from shira_core.errors import ShiraError
 
-    from .experiment import ExperimentConfig
+    from .experiment_config import ExperimentConfig
     from .experiment_report import run_experiment_command
 
     cfg = ExperimentConfig(tasks=tuple(t.strip() for t in tasks.split(",") if t.strip()), steps=steps,

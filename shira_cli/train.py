@@ -88,7 +88,7 @@ def run_train(
         ],
     }
     if export_peft is not None:
-        from shira_core.peft_interop import save_peft_adapter
+        from shira_core.peft_export import save_peft_adapter
 
         save_peft_adapter(result.adapter, export_peft, base_model_name_or_path=source.label)
         summary["peft_dir"] = str(export_peft)

@@ -23,7 +23,8 @@ from .fingerprint import BaseFingerprint
 from .fusion import fuse, fuse_linear, fuse_ties
 from .io import adapter_from_bytes, adapter_to_bytes, load_adapter, save_adapter
 from .masks import MASKS, build_masks
-from .peft_interop import load_peft_adapter, peft_from_bytes, peft_to_bytes, save_peft_adapter
+from .peft_export import peft_to_bytes, save_peft_adapter
+from .peft_interop import load_peft_adapter, peft_from_bytes
 from .switcher import ScatterPlan, Switcher, SwitchResult
 
 __all__ = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -17,9 +17,6 @@ from .errors import (
     NonFiniteValueError,
     UnsupportedDtypeError,
 )
-
-if TYPE_CHECKING:
-    from .fingerprint import BaseFingerprint
 
 # The value dtypes every tensor operation here supports; float8 and the like have no isfinite or index_add_.
 VALUE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -185,13 +182,10 @@ class SparseAdapter:
     def nbytes(self) -> int:
         return sum(d.nbytes for d in self)
 
-    def validate(self, base: BaseFingerprint | None = None) -> None:
-        """Runs every intrinsic check on every layer, then, given a base, BaseFingerprint.check (names, shapes,
-        fingerprint)."""
+    def validate(self) -> None:
+        """Runs every intrinsic check on every layer. Whether it fits a base model is BaseFingerprint.check."""
         for delta in self:
             delta.validate(self.name)
-        if base is not None:
-            base.check(self)
 
     def scaled(self, alpha: float, name: str | None = None) -> SparseAdapter:
         deltas = {k: SparseDelta(d.name, d.shape, d.indices, d.values * alpha) for k, d in self.deltas.items()}

@@ -10,7 +10,7 @@ import torch
 from .delta import SparseAdapter, SparseDelta
 from .errors import FusionError
 
-MERGES = ("linear", "ties")
+COMBINATIONS = ("linear", "ties")  # PEFT's combination_type names
 
 
 def _check(items: Sequence[tuple[SparseAdapter, float]]) -> None:
@@ -113,11 +113,14 @@ def fuse_ties(items: Sequence[tuple[SparseAdapter, float]], name: str = "fused",
 
 
 def fuse(
-    items: Sequence[tuple[SparseAdapter, float]], merge: str = "linear", name: str = "fused", keep: float = 0.5
+    items: Sequence[tuple[SparseAdapter, float]], combination_type: str = "linear", name: str = "fused",
+    keep: float = 0.5, *, merge: str | None = None,
 ) -> SparseAdapter:
-    """Dispatches to fuse_linear or fuse_ties (with its trim fraction `keep`) by name."""
-    if merge == "linear":
+    """Dispatches to fuse_linear or fuse_ties (with its trim fraction `keep`) by PEFT's combination_type name.
+    `merge` is its old name, still accepted."""
+    combination_type = merge or combination_type
+    if combination_type == "linear":
         return fuse_linear(items, name)
-    if merge == "ties":
+    if combination_type == "ties":
         return fuse_ties(items, name, keep)
-    raise FusionError(f"unknown merge {merge!r}; use one of {', '.join(MERGES)}")
+    raise FusionError(f"unknown merge {combination_type!r}; use one of {', '.join(COMBINATIONS)} (combination_type)")

@@ -155,7 +155,9 @@ def adapter_from_bytes(data: bytes, base: BaseFingerprint | None = None, name: s
         description=info.description or "",
         extra=info.extra,
     )
-    adapter.validate(base)
+    adapter.validate()
+    if base is not None:
+        base.check(adapter)
     return adapter
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..metrics import REQUESTS
-from .handlers import error_body
+from .exception_handlers import error_body
 
 GENERATION_PATHS = frozenset({"/generate", "/v1/completions", "/v1/chat/completions"})
 UNRESOLVED = "unresolved"  # label for requests that failed before their adapter set was resolved
@@ -16,7 +16,7 @@ UNRESOLVED = "unresolved"  # label for requests that failed before their adapter
 
 class RequestMetricsMiddleware:
     """Counts generation requests by the status actually sent (499: client went away) and a bounded adapter
-    label (service.api.requests.metric_label; UNRESOLVED before the set was resolved)."""
+    label (service.api.adapter_sets.metric_label; UNRESOLVED before the set was resolved)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

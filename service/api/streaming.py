@@ -20,8 +20,8 @@ from fastapi import Request, Response
 from fastapi.responses import StreamingResponse
 
 from ..errors import ServiceError
-from ..generation import GenerationRequest, GenerationResult
-from .handlers import error_body
+from ..types import GenerationRequest, GenerationResult
+from .exception_handlers import error_body
 
 log = logging.getLogger("shira.service")
 T = TypeVar("T")

@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_adapters import random_adapter
 from typer.testing import CliRunner
 
 from shira_cli.main import app
 from shira_core import BaseFingerprint, load_adapter, save_adapter
 from shira_core.models import linear_weight_names
-from shira_core.peft_interop import CONFIG_FILE, load_peft_adapter, save_peft_adapter
+from shira_core.peft_export import save_peft_adapter
+from shira_core.peft_interop import CONFIG_FILE, load_peft_adapter
 
 peft = pytest.importorskip("peft")
 runner = CliRunner()
@@ -56,9 +58,9 @@ def test_peft_to_native_with_base(base_dir: Path, peft_dir: Path, tmp_path: Path
         assert torch.equal(native.deltas[name].values, delta.values)
 
 
-def test_native_to_peft_and_back(base_dir: Path, tiny_llama, make_adapter, tmp_path: Path) -> None:
+def test_native_to_peft_and_back(base_dir: Path, tiny_llama, tmp_path: Path) -> None:
     model = tiny_llama(seed=0)
-    adapter = make_adapter(model, "nat", seed=2, layers=linear_weight_names(model)[:3], density=0.05)
+    adapter = random_adapter(model, "nat", seed=2, layers=linear_weight_names(model)[:3], density=0.05)
     src = tmp_path / "a.safetensors"
     save_adapter(adapter, src)
     result = convert(src, tmp_path / "as_peft", "--to", "peft")
@@ -75,7 +77,7 @@ def test_native_to_peft_and_back(base_dir: Path, tiny_llama, make_adapter, tmp_p
         assert torch.equal(back.deltas[name].values, delta.values)
 
 
-def test_convert_errors(base_dir: Path, peft_dir: Path, tiny_llama, make_adapter, tmp_path: Path) -> None:
+def test_convert_errors(base_dir: Path, peft_dir: Path, tiny_llama, tmp_path: Path) -> None:
     result = convert(peft_dir, tmp_path / "x.safetensors", "--to", "gguf")
     assert result.exit_code == 2 and "--to must be native or peft" in result.output
     result = convert(tmp_path / "missing", tmp_path / "x.safetensors")
@@ -86,7 +88,7 @@ def test_convert_errors(base_dir: Path, peft_dir: Path, tiny_llama, make_adapter
     assert result.exit_code == 2 and "without adapter_config.json" in result.output
 
     other = tiny_llama(seed=1)  # same structure, other values: the fingerprint must refuse it
-    adapter = make_adapter(other, "foreign", seed=3, layers=linear_weight_names(other)[:2])
+    adapter = random_adapter(other, "foreign", seed=3, layers=linear_weight_names(other)[:2])
     adapter.base_fingerprint = BaseFingerprint.of(other).to_dict()
     save_peft_adapter(adapter, tmp_path / "foreign")
     result = convert(tmp_path / "foreign", tmp_path / "f.safetensors", "--base", base_dir)

@@ -1,14 +1,14 @@
-"""Helpers for shira_core tests: random sparse adapters on a model, state snapshots, dense references."""
+"""Helpers for shira_core tests: state snapshots and dense references (random adapters: tests/random_adapters.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
 from torch import nn
 
-from shira_core import SparseAdapter, SparseDelta
+from shira_core import SparseAdapter
 
 
 def adaptable_names(model: nn.Module) -> list[str]:
@@ -23,43 +23,6 @@ def alias_targets(model: nn.Module) -> dict[str, str]:
     for name, p in model.named_parameters(remove_duplicate=False):
         out[name] = first.setdefault(id(p), name)
     return out
-
-
-def random_adapter(
-    model: nn.Module,
-    name: str,
-    seed: int,
-    layers: Iterable[str] | None = None,
-    *,
-    density: float = 0.1,
-    pool: float = 0.25,
-    scale: float = 0.05,
-    dtype: torch.dtype = torch.float32,
-) -> SparseAdapter:
-    """A random adapter whose indices come from the first `pool` fraction of each weight, so adapters overlap.
-
-    Args:
-        model: gives the names and shapes.
-        name: adapter name.
-        seed: everything random is drawn from this seed.
-        layers: parameter names to adapt (aliases allowed); default every adaptable weight.
-        density: fraction of each weight that gets an entry.
-        pool: entries are drawn from flat positions [0, pool * numel).
-        scale: std of the delta values.
-        dtype: dtype of the stored values.
-    """
-    params = dict(model.named_parameters(remove_duplicate=False))
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for layer in layers if layers is not None else adaptable_names(model):
-        shape = tuple(params[layer].shape)
-        numel = params[layer].numel()
-        span = max(2, int(pool * numel))
-        k = max(1, min(span, int(density * numel)))
-        idx = torch.sort(torch.randperm(span, generator=gen)[:k]).values
-        vals = (torch.randn(k, generator=gen) * scale).to(dtype)
-        deltas[layer] = SparseDelta(layer, shape, idx, vals)
-    return SparseAdapter(name, deltas, mask="rand")
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,9 +65,3 @@ def unique_weights(model: nn.Module) -> dict[str, torch.Tensor]:
     """name -> parameter, tied ones once under their first name."""
     targets = alias_targets(model)
     return {n: p.detach() for n, p in model.named_parameters(remove_duplicate=False) if targets[n] == n}
-
-
-@pytest.fixture(scope="session")
-def make_adapter() -> Callable[..., SparseAdapter]:
-    """Factory: ``make_adapter(model, name, seed, layers=None, density=0.1, pool=0.25, scale=0.05, dtype=fp32)``."""
-    return random_adapter

@@ -6,23 +6,11 @@ import copy
 
 import pytest
 import torch
+from random_adapters import random_adapter
 
 from shira_core.batched import RowCorrector, UnbatchableSetError
 from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.masks import rand_mask
-from shira_core.models import linear_weight_names
 from shira_core.switcher import Switcher
-
-
-def adapter(model, name: str, seed: int, density: float = 0.1, std: float = 0.3) -> SparseAdapter:
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for i, layer in enumerate(linear_weight_names(model)):
-        idx = rand_mask(params[layer], density, seed=seed * 100 + i).cpu()
-        values = torch.randn(idx.numel(), generator=gen) * std
-        deltas[layer] = SparseDelta(layer, tuple(params[layer].shape), idx, values)
-    return SparseAdapter(name, deltas)
 
 
 @pytest.fixture(params=[False], ids=["torch"])
@@ -32,12 +20,14 @@ def bound(request, tiny_llama):
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     switcher = Switcher(model)
-    guests = RowCorrector(model, switcher, native=request.param)
-    assert guests.native == request.param  # the kernel builds here: a machine with a C++ compiler
-    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
-    plans.append(switcher.prepare([(adapter(model, "m1", 7), 0.6), (adapter(model, "m2", 8), 0.5)]))
-    yield model, switcher, guests, plans, snapshot
-    guests.close()
+    corrector = RowCorrector(model, switcher, native=request.param)
+    assert corrector.native == request.param  # the kernel builds here: a machine with a C++ compiler
+    singles = [random_adapter(model, f"s{i}", i + 1, std=0.3, mask_seed_step=100) for i in range(3)]
+    plans = [switcher.prepare([(single, 1.0)]) for single in singles]
+    m1, m2 = (random_adapter(model, name, seed, std=0.3, mask_seed_step=100) for name, seed in (("m1", 7), ("m2", 8)))
+    plans.append(switcher.prepare([(m1, 0.6), (m2, 0.5)]))
+    yield model, switcher, corrector, plans, snapshot
+    corrector.close()
 
 
 @torch.inference_mode()
@@ -58,92 +48,93 @@ def isolated(model, switcher, plans, sets: list[int | None], ids: torch.Tensor) 
     return torch.stack(out)
 
 
-def hosted_terms(guests, switcher, plans, sets: list[int | None], host: int | None) -> list[tuple]:
-    """Applies the host's set (None: the base) and gives each row d_S - d_H: its own delta and the host's, negated."""
-    if host is not None:
-        switcher.apply(plans[host])
-    deltas = [guests.delta(p) for p in plans]
-    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
-    return [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
+def row_terms(corrector, switcher, plans, sets: list[int | None], merged: int | None) -> list[tuple]:
+    """Applies the merged set (None: the base); each row gets d_S - d_M, its own delta and the merged one negated."""
+    if merged is not None:
+        switcher.apply(plans[merged])
+    deltas = [corrector.delta(p) for p in plans]
+    minus_merged = () if merged is None else (corrector.delta(plans[merged], negate=True),)
+    return [() if s == merged else ((deltas[s],) if s is not None else ()) + minus_merged for s in sets]
 
 
 @pytest.mark.parametrize("bound", [False, True], indirect=True, ids=["torch", "native"])
-@pytest.mark.parametrize("host", [None, 0, 3])
-def test_guest_rows_match_each_row_run_alone_with_its_set(bound, host):
-    model, switcher, guests, plans, snapshot = bound
+@pytest.mark.parametrize("merged", [None, 0, 3])
+def test_guest_rows_match_each_row_run_alone_with_its_set(bound, merged):
+    model, switcher, corrector, plans, snapshot = bound
     sets = [0, None, 1, 0, 2, 3, 3, None]  # None: base rows
     ids = torch.randint(0, 64, (len(sets), 6), generator=torch.Generator().manual_seed(1))
     expected = isolated(model, switcher, plans, sets, ids)
     expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
-    row_deltas = hosted_terms(guests, switcher, plans, sets, host)
+    row_deltas = row_terms(corrector, switcher, plans, sets, merged)
 
-    with guests.active(guests.prefill_plan(row_deltas)):
+    with corrector.active(corrector.prefill_plan(row_deltas)):
         mixed = logits(model, ids)  # many tokens per row: the prefill plan
-    with guests.active(guests.decode_plan(row_deltas)):
+    with corrector.active(corrector.decode_plan(row_deltas)):
         mixed_last = logits(model, ids[:, -1:])  # one token per row: the decode plan
     plain = logits(model, ids)
     switcher.revert()
 
     torch.testing.assert_close(mixed, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(mixed_last, expected_last, rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(plain, expected, atol=1e-3)  # the sets really differ from the host alone
+    assert not torch.allclose(plain, expected, atol=1e-3)  # the sets really differ from the merged set alone
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
 @pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
-@pytest.mark.parametrize("host", [None, 1])
-def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, host):
-    model, switcher, guests, plans, snapshot = bound
-    # Set 0 on 11 rows (blocks of 8 and 3), set 2 on 4, set 3 on 2, set 1 on one (the host's negated delta: 18
+@pytest.mark.parametrize("merged", [None, 1])
+def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, merged):
+    model, switcher, corrector, plans, snapshot = bound
+    # Set 0 on 11 rows (blocks of 8 and 3), set 2 on 4, set 3 on 2, set 1 on one (the merged set's negated delta: 18
     # rows, 8 + 8 + 2), and a base row: every block size.
     sets = [0] * 5 + [2, None, 1] + [0] * 6 + [2, 3, 2, 2, 3]
     ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(9))
     expected = isolated(model, switcher, plans, sets, ids)
-    if host is not None:
-        switcher.apply(plans[host])
-    deltas = {s: guests.delta(plans[s]) for s in (0, 1, 2, 3)}
-    minus_host = () if host is None else (guests.delta(plans[host], negate=True),)
-    terms = [() if s == host else ((deltas[s],) if s is not None else ()) + minus_host for s in sets]
-    plan = guests.decode_plan(terms)
+    if merged is not None:
+        switcher.apply(plans[merged])
+    deltas = {s: corrector.delta(plans[s]) for s in (0, 1, 2, 3)}
+    minus_merged = () if merged is None else (corrector.delta(plans[merged], negate=True),)
+    terms = [() if s == merged else ((deltas[s],) if s is not None else ()) + minus_merged for s in sets]
+    plan = corrector.decode_plan(terms)
     assert plan.nbytes == 0  # it points into the deltas
-    own = {s for s in sets if s not in (None, host)}
-    assert plan.terms.shape[0] == len(own) + len(minus_host)  # one term per distinct delta, not one per row
-    with guests.active(plan):
+    own = {s for s in sets if s not in (None, merged)}
+    assert plan.terms.shape[0] == len(own) + len(minus_merged)  # one term per distinct delta, not one per row
+    with corrector.active(plan):
         got = logits(model, ids)
     switcher.revert()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    assert guests.decode_plan(terms) is plan and guests.builds == 1
+    assert corrector.decode_plan(terms) is plan and corrector.builds == 1
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in snapshot.items())
 
 
-@pytest.mark.parametrize("host", [None, 1])
-def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_llama, host):
+@pytest.mark.parametrize("merged", [None, 1])
+def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_llama, merged):
     # hidden 96: outputs of 48 to 192 features, so one to three blocks of 64 rows and partial ones; 11 tokens a
     # row: lanes of eight that span rows and end short.
     model = tiny_llama(seed=5, vocab=64, hidden=96)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
     switcher = Switcher(model)
-    guests = RowCorrector(model, switcher, native=True)
-    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(3)]
+    corrector = RowCorrector(model, switcher, native=True)
+    singles = [random_adapter(model, f"s{i}", i + 1, std=0.3, mask_seed_step=100) for i in range(3)]
+    plans = [switcher.prepare([(single, 1.0)]) for single in singles]
     sets = [2, 0, None, 2, 1, 0]
     ids = torch.randint(0, 64, (len(sets), 11), generator=torch.Generator().manual_seed(10))
     expected = isolated(model, switcher, plans, sets, ids)
     expected_last = isolated(model, switcher, plans, sets, ids[:, -1:])
-    terms = hosted_terms(guests, switcher, plans, sets, host)
-    builds = guests.builds
-    prefill = guests.prefill_plan(terms[3:], running=terms[:3], steps=30)
-    assert prefill.nbytes == 0 and guests.planner._segments == {}  # no block-diagonal copy for the prefill either
-    with guests.active(prefill):
+    terms = row_terms(corrector, switcher, plans, sets, merged)
+    builds = corrector.builds
+    prefill = corrector.prefill_plan(terms[3:], running=terms[:3], steps=30)
+    assert prefill.nbytes == 0 and corrector.planner._segments == {}  # no block-diagonal copy for the prefill either
+    with corrector.active(prefill):
         got = logits(model, ids[3:])
-    with guests.active(guests.prefill_plan(terms)):
+    with corrector.active(corrector.prefill_plan(terms)):
         got_all = logits(model, ids)
-    with guests.active(guests.decode_plan(terms)):
+    with corrector.active(corrector.decode_plan(terms)):
         got_last = logits(model, ids[:, -1:])
     switcher.revert()
-    guests.close()
-    assert guests.builds == builds + 3
+    corrector.close()
+    assert corrector.builds == builds + 3
     torch.testing.assert_close(got, expected[3:], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_all, expected, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_last, expected_last, rtol=1e-4, atol=1e-4)
@@ -154,115 +145,116 @@ def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_lla
 def test_the_native_kernel_corrects_a_bf16_model_in_fp32(tiny_llama):
     model = tiny_llama(seed=3, vocab=64, hidden=32).to(torch.bfloat16)
     switcher = Switcher(model)
-    guests = RowCorrector(model, switcher)
-    assert guests.native and guests.dtype == torch.float32  # the sums run in fp32, rounded into bf16 outputs
-    plans = [switcher.prepare([(adapter(model, f"s{i}", i + 1), 1.0)]) for i in range(2)]
+    corrector = RowCorrector(model, switcher)
+    assert corrector.native and corrector.dtype == torch.float32  # the sums run in fp32, rounded into bf16 outputs
+    singles = [random_adapter(model, f"s{i}", i + 1, std=0.3, mask_seed_step=100) for i in range(2)]
+    plans = [switcher.prepare([(single, 1.0)]) for single in singles]
     ids = torch.randint(0, 64, (3, 1), generator=torch.Generator().manual_seed(11))
     expected = isolated(model, switcher, plans, [1, 0, None], ids).float()
-    a, b = (guests.delta(p) for p in plans)
-    with guests.active(guests.decode_plan([(b,), (a,), ()])):
+    a, b = (corrector.delta(p) for p in plans)
+    with corrector.active(corrector.decode_plan([(b,), (a,), ()])):
         got = logits(model, ids).float()
     plain = logits(model, ids).float()
-    guests.close()
+    corrector.close()
     torch.testing.assert_close(got, expected, rtol=0.03, atol=0.03)
     assert not torch.allclose(plain[:2], expected[:2], atol=0.1)  # the sets really change those rows
 
 
 def test_a_prefill_of_several_runs_shares_the_decode_plan_and_one_run_does_not(bound):
-    model, switcher, guests, plans, _ = bound
-    a, b = guests.delta(plans[0]), guests.delta(plans[1])
+    model, switcher, corrector, plans, _ = bound
+    a, b = corrector.delta(plans[0]), corrector.delta(plans[1])
     mixed = [(a,), (b,), (a,)]  # three runs: one block-diagonal product per layer
-    assert guests.prefill_plan(mixed) is guests.decode_plan(mixed)  # built once for the prefill and the steps
-    single = guests.prefill_plan([(a,), (a,)])  # one run: one in-place product, no copy of the deltas
-    assert single is not guests.decode_plan([(a,), (a,)])
+    assert corrector.prefill_plan(mixed) is corrector.decode_plan(mixed)  # built once for the prefill and the steps
+    single = corrector.prefill_plan([(a,), (a,)])  # one run: one in-place product, no copy of the deltas
+    assert single is not corrector.decode_plan([(a,), (a,)])
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(4))
     expected = isolated(model, switcher, plans, [0, 0], ids)
-    with guests.active(single):
+    with corrector.active(single):
         torch.testing.assert_close(logits(model, ids), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_rows_prefilled_together_keep_their_segment_when_others_join_or_leave(bound, monkeypatch):
-    model, switcher, guests, plans, _ = bound
+    model, switcher, corrector, plans, _ = bound
     monkeypatch.setattr("shira_core.batched.planner.SEGMENT_PRODUCT_SECONDS", 0.0)  # an extra segment is free
-    a, b, c = (guests.delta(p) for p in plans[:3])
+    a, b, c = (corrector.delta(p) for p in plans[:3])
     first, joiners = [(a,), (b,)], [(c,), (), (a,)]
     ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(5))
 
     def check(terms, sets, builds):
-        plan = guests.decode_plan(terms)
-        assert guests.builds == builds
-        with guests.active(plan):
+        plan = corrector.decode_plan(terms)
+        assert corrector.builds == builds
+        with corrector.active(plan):
             got = logits(model, ids[: len(sets)])
         torch.testing.assert_close(got, isolated(model, switcher, plans, sets, ids[: len(sets)]), rtol=1e-4,
                                    atol=1e-4)
 
-    guests.prefill_plan(first)  # two runs: a segment, built for the prefill
-    assert guests.builds == 1
+    corrector.prefill_plan(first)  # two runs: a segment, built for the prefill
+    assert corrector.builds == 1
     check(first, [0, 1], 1)  # the first step reuses it
-    guests.prefill_plan(joiners)
-    assert guests.builds == 2
+    corrector.prefill_plan(joiners)
+    assert corrector.builds == 2
     check(first + joiners, [0, 1, 2, None, 0], 2)  # joining: both segments side by side, no copy
-    check(joiners, [2, None, 0], 2)  # a whole cohort left: the other one stays
+    check(joiners, [2, None, 0], 2)  # a whole segment left: the other one stays
     check([(b,), *joiners], [1, 2, None, 0], 3)  # an unknown run: only that run is built
-    cohort = guests.prefill_plan([(b,), (c,)])  # new rows get one segment, not the cached one of (b,) and another
-    assert guests.builds == 4 and len(cohort.segments) == 1
+    new_rows = corrector.prefill_plan([(b,), (c,)])  # new rows get one segment, not the cached one of (b,) and another
+    assert corrector.builds == 4 and len(new_rows.segments) == 1
 
 
 def test_when_extra_segments_cost_more_than_a_rebuild_the_batch_gets_one_and_leavers_keep_parts(bound, monkeypatch):
-    model, switcher, guests, plans, _ = bound
+    model, switcher, corrector, plans, _ = bound
     monkeypatch.setattr("shira_core.batched.planner.SEGMENT_PRODUCT_SECONDS", 1.0)  # any rebuild pays
-    a, b, c = (guests.delta(p) for p in plans[:3])
+    a, b, c = (corrector.delta(p) for p in plans[:3])
     ids = torch.randint(0, 64, (5, 1), generator=torch.Generator().manual_seed(7))
 
     def check(plan, sets, rows):
         assert len(plan.segments) == 1
-        with guests.active(plan):
+        with corrector.active(plan):
             got = logits(model, ids[rows])
         torch.testing.assert_close(got, isolated(model, switcher, plans, sets, ids[rows]), rtol=1e-4, atol=1e-4)
 
-    guests.prefill_plan([(a,), (b,)])  # a fresh batch: its segment
-    guests.decode_plan([(a,), (b,)], steps=30)
-    assert guests.builds == 1
-    joiners = guests.prefill_plan([(c,), (a,), ()], running=[(a,), (b,)], steps=30)  # one segment for all five
-    assert guests.builds == 3  # the batch's segment and the joiners' part of it (for the prefill only)
+    corrector.prefill_plan([(a,), (b,)])  # a fresh batch: its segment
+    corrector.decode_plan([(a,), (b,)], steps=30)
+    assert corrector.builds == 1
+    joiners = corrector.prefill_plan([(c,), (a,), ()], running=[(a,), (b,)], steps=30)  # one segment for all five
+    assert corrector.builds == 3  # the batch's segment and the joiners' part of it (for the prefill only)
     check(joiners, [2, 0, None], slice(2, 5))
-    everyone = guests.decode_plan([(a,), (b,), (c,), (a,), ()], steps=30)
-    assert guests.builds == 3  # built by the prefill
+    everyone = corrector.decode_plan([(a,), (b,), (c,), (a,), ()], steps=30)
+    assert corrector.builds == 3  # built by the prefill
     check(everyone, [0, 1, 2, 0, None], slice(0, 5))
-    left = guests.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: a part, no rebuild
-    assert guests.builds == 4 and len(guests.planner._segments) == 1
+    left = corrector.decode_plan([(c,), (a,), ()], steps=29)  # the first two rows finished: a part, no rebuild
+    assert corrector.builds == 4 and len(corrector.planner._segments) == 1
     check(left, [2, 0, None], slice(2, 5))
-    guests.forget_plans()
-    guests.prefill_plan([(a,), (b,), (c,)])
-    middle = guests.decode_plan([(b,), (c,)], steps=1)  # the first row left: a part cut from the segment
-    assert guests.builds == 6
+    corrector.forget_plans()
+    corrector.prefill_plan([(a,), (b,), (c,)])
+    middle = corrector.decode_plan([(b,), (c,)], steps=1)  # the first row left: a part cut from the segment
+    assert corrector.builds == 6
     check(middle, [1, 2], slice(1, 3))
 
 
 def test_a_plan_of_too_many_segments_is_built_as_one(bound, monkeypatch):
-    model, switcher, guests, plans, _ = bound
+    model, switcher, corrector, plans, _ = bound
     monkeypatch.setattr("shira_core.batched.planner.MAX_SEGMENTS", 1)
-    a, b, c = (guests.delta(p) for p in plans[:3])
-    guests.prefill_plan([(a,), (b,)])
-    guests.prefill_plan([(c,), (a,)])
-    plan = guests.decode_plan([(a,), (b,), (c,), (a,)])
-    assert guests.builds == 3 and len(plan.segments) == 1
+    a, b, c = (corrector.delta(p) for p in plans[:3])
+    corrector.prefill_plan([(a,), (b,)])
+    corrector.prefill_plan([(c,), (a,)])
+    plan = corrector.decode_plan([(a,), (b,), (c,), (a,)])
+    assert corrector.builds == 3 and len(plan.segments) == 1
     ids = torch.randint(0, 64, (4, 1), generator=torch.Generator().manual_seed(6))
-    with guests.active(plan):
+    with corrector.active(plan):
         got = logits(model, ids)
     torch.testing.assert_close(got, isolated(model, switcher, plans, [0, 1, 2, 0], ids), rtol=1e-4, atol=1e-4)
 
 
 def test_wrappers_do_nothing_without_a_plan_and_close_removes_them(bound):
-    model, switcher, guests, plans, _ = bound
+    model, switcher, corrector, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
-    delta = guests.delta(plans[0])
-    plan = guests.decode_plan([(delta,), ()])
-    assert guests.decode_plan([(delta,), ()]) is plan  # same composition: the built plan again
-    assert guests.decode_plan([(), (delta,)]) is not plan
-    guests.close()
-    with guests.active(guests.prefill_plan([(delta,), (delta,)])):
+    delta = corrector.delta(plans[0])
+    plan = corrector.decode_plan([(delta,), ()])
+    assert corrector.decode_plan([(delta,), ()]) is plan  # same composition: the built plan again
+    assert corrector.decode_plan([(), (delta,)]) is not plan
+    corrector.close()
+    with corrector.active(corrector.prefill_plan([(delta,), (delta,)])):
         after = logits(model, ids)  # wrappers removed: the plan has no effect
     assert torch.equal(before, after)
 
@@ -272,28 +264,28 @@ def wrapped(linears) -> list[bool]:
 
 
 def test_wrappers_are_there_only_while_plans_are_in_use_and_a_deep_copy_is_not_corrected(bound):
-    model, _, guests, plans, _ = bound
+    model, _, corrector, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     before = logits(model, ids)
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert not any(wrapped(linears))  # no plan yet: the plain Linear forwards
-    plan = guests.prefill_plan([(guests.delta(plans[0]),), ()])
-    with guests.active(plan):
+    plan = corrector.prefill_plan([(corrector.delta(plans[0]),), ()])
+    with corrector.active(plan):
         corrected = logits(model, ids)
         twin = copy.deepcopy(model)  # copies the wrappers too
     assert any(wrapped(linears)) and not any(m._forward_hooks for m in linears)
-    with guests.active(plan):
+    with corrector.active(plan):
         assert torch.equal(logits(twin, ids), before)  # the copied wrappers compute the copy's own layers
         twin.model.layers[0].mlp.down_proj.weight.data.zero_()
         assert not torch.equal(logits(twin, ids), before)  # ... and not the original's
     assert not torch.allclose(corrected[0], before[0], atol=1e-3)
-    guests.forget_plans()
+    corrector.forget_plans()
     assert not any(wrapped(linears))
     assert torch.equal(logits(model, ids), before)
 
 
 def test_a_forward_another_library_set_on_a_linear_runs_inside_the_wrapper_and_comes_back(bound):
-    model, _, guests, plans, _ = bound
+    model, _, corrector, plans, _ = bound
     ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(2))
     down = model.model.layers[0].mlp.down_proj
 
@@ -303,40 +295,40 @@ def test_a_forward_another_library_set_on_a_linear_runs_inside_the_wrapper_and_c
     down.forward = doubled.__get__(down)
     theirs = down.forward
     before = logits(model, ids)
-    with guests.active(guests.decode_plan([(), ()])):  # no deltas: a plain pass through the wrappers
+    with corrector.active(corrector.decode_plan([(), ()])):  # no deltas: a plain pass through the wrappers
         assert torch.equal(logits(model, ids), before)
-    guests.forget_plans()
+    corrector.forget_plans()
     assert down.forward == theirs
 
 
 @pytest.mark.parametrize("bound", [False, True], indirect=True, ids=["torch", "native"])
 def test_a_plan_for_another_row_count_is_refused(bound):
-    model, _, guests, plans, _ = bound
-    delta = guests.delta(plans[1])
-    with guests.active(guests.decode_plan([(delta,), (), ()])), pytest.raises(RuntimeError, match="3 rows"):
+    model, _, corrector, plans, _ = bound
+    delta = corrector.delta(plans[1])
+    with corrector.active(corrector.decode_plan([(delta,), (), ()])), pytest.raises(RuntimeError, match="3 rows"):
         logits(model, torch.zeros(2, 1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("bound", [True], indirect=True, ids=["native"])
 def test_the_native_kernel_refuses_shapes_and_rows_that_do_not_fit(bound):
-    _, _, guests, plans, _ = bound
-    plan = guests.decode_plan([(guests.delta(plans[1]),), ()])
-    kernel, n_in, n_out = guests._kernel, guests.layers[0].in_features, guests.layers[0].out_features
+    _, _, corrector, plans, _ = bound
+    plan = corrector.decode_plan([(corrector.delta(plans[1]),), ()])
+    kernel, n_in, n_out = corrector._kernel, corrector.layers[0].in_features, corrector.layers[0].out_features
     with pytest.raises(RuntimeError, match="do not match"):  # tokens in the input, none in the output
         kernel.correct(plan.terms, plan.row_table, 0, torch.zeros(2, 3, n_in), torch.zeros(2, n_out))
     with pytest.raises(RuntimeError, match="outside the batch of 1"):  # the plan's row 0 and 1 on a batch of 1
         kernel.correct(plan.terms, torch.tensor([0, 1, 1]), 0, torch.zeros(1, n_in), torch.zeros(1, n_out))
     with pytest.raises(RuntimeError, match="outside the plan"):
-        kernel.correct(plan.terms, plan.row_table, len(guests.layers), torch.zeros(2, n_in), torch.zeros(2, n_out))
+        kernel.correct(plan.terms, plan.row_table, len(corrector.layers), torch.zeros(2, n_in), torch.zeros(2, n_out))
 
 
 def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
-    model, switcher, guests, _, _ = bound
+    model, switcher, corrector, _, _ = bound
     name = "model.embed_tokens.weight"  # tied to lm_head: used by nn.Embedding too
     shape = tuple(dict(model.named_parameters())[name].shape)
     emb = SparseAdapter("emb", {name: SparseDelta(name, shape, torch.tensor([3, 70]), torch.tensor([0.5, -0.5]))})
     with pytest.raises(UnbatchableSetError, match=r"'emb'.*embed_tokens"):
-        guests.delta(switcher.prepare([(emb, 1.0)], label="emb"))
+        corrector.delta(switcher.prepare([(emb, 1.0)], label="emb"))
 
 
 def _dense(d, shape: tuple[int, int], block: int) -> torch.Tensor:
@@ -353,39 +345,39 @@ def _dense(d, shape: tuple[int, int], block: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bound", [False, True], ids=["torch", "native"], indirect=True)
 def test_delta_holds_exactly_the_plan_entries_in_one_form(bound):
-    model, switcher, guests, plans, _ = bound
-    delta = guests.delta(plans[3])
+    model, switcher, corrector, plans, _ = bound
+    delta = corrector.delta(plans[3])
     params = dict(model.named_parameters())
     switcher.apply(plans[3])
-    adapted = {layer.name: params[layer.name].detach().clone() for layer in guests.layers}
+    adapted = {layer.name: params[layer.name].detach().clone() for layer in corrector.layers}
     switcher.revert()
     entries = 0
     for lid, d in delta.layers.items():
-        name = guests.layers[lid].name
+        name = corrector.layers[lid].name
         shape = tuple(params[name].shape)
-        block = guests._kernel.block if guests.native else 0
+        block = corrector._kernel.block if corrector.native else 0
         torch.testing.assert_close(_dense(d, shape, block), adapted[name] - params[name].detach(), rtol=0, atol=1e-6)
-        entries += d.blocked[3].numel() if guests.native else d.col.numel()
-        if guests.native:  # the kernel's blocks only: no CSR copy beside them
+        entries += d.blocked[3].numel() if corrector.native else d.col.numel()
+        if corrector.native:  # the kernel's blocks only: no CSR copy beside them
             assert d.crow is None and d.col is None and d.values is None and d.matrix is None
         else:
             assert d.blocked is None and d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
     assert delta.nnz == plans[3].nnz == entries
     assert delta.nbytes == sum(t.numel() * t.element_size() for d in delta.layers.values() for t in d.tensors())
-    if guests.native:  # 7 bytes an entry (uint8 row, uint16 column, fp32 value) and the block starts
+    if corrector.native:  # 7 bytes an entry (uint8 row, uint16 column, fp32 value) and the block starts
         assert delta.entry_bytes == delta.pointer_bytes == 0
         assert 7 * entries <= delta.nbytes < 8 * entries
 
 
 @pytest.mark.parametrize("bound", [False, True], ids=["torch", "native"], indirect=True)
 def test_a_negated_delta_undoes_the_delta(bound):
-    model, _, guests, plans, _ = bound
-    delta, negated = guests.delta(plans[3]), guests.delta(plans[3], negate=True)
+    model, _, corrector, plans, _ = bound
+    delta, negated = corrector.delta(plans[3]), corrector.delta(plans[3], negate=True)
     assert delta.layers.keys() == negated.layers.keys() and negated.nnz == delta.nnz
     params = dict(model.named_parameters())
-    block = guests._kernel.block if guests.native else 0
+    block = corrector._kernel.block if corrector.native else 0
     for lid, d in delta.layers.items():
-        shape = tuple(params[guests.layers[lid].name].shape)
+        shape = tuple(params[corrector.layers[lid].name].shape)
         torch.testing.assert_close(_dense(negated.layers[lid], shape, block), -_dense(d, shape, block))
     twin = delta.negated()  # shares the index arrays: only the values are its own
     for lid, d in delta.layers.items():

@@ -9,13 +9,14 @@ import sys
 
 import pytest
 import torch
+from random_adapters import random_adapter
 
 from shira_core.batched import RowCorrector
 from shira_core.batched import kernel as correction_kernel
 from shira_core.switcher import Switcher
 
 from .kernel_support import needs_kernel
-from .test_batched_corrections import adapter, isolated
+from .test_batched_corrections import isolated
 
 
 @needs_kernel
@@ -36,22 +37,22 @@ def test_without_the_kernel_guest_rows_run_pytorchs_products(tiny_llama, monkeyp
     monkeypatch.setattr(correction_kernel, "load", lambda: None)
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     switcher = Switcher(model)
-    guests = RowCorrector(model, switcher)  # native asked for, not available
-    assert not guests.native
-    plan = switcher.prepare([(adapter(model, "a", 1), 1.0)])
-    delta = guests.delta(plan)
+    corrector = RowCorrector(model, switcher)  # native asked for, not available
+    assert not corrector.native
+    plan = switcher.prepare([(random_adapter(model, "a", 1, std=0.3, mask_seed_step=100), 1.0)])
+    delta = corrector.delta(plan)
     assert all(d.blocked is None for d in delta.layers.values())  # no copy in the kernel's layout
-    decode = guests.decode_plan([(delta,), ()])
+    decode = corrector.decode_plan([(delta,), ()])
     assert decode.segments and decode.nbytes > 0  # a block-diagonal copy
     ids = torch.randint(0, 64, (2, 1), generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
-        with guests.active(decode):
+        with corrector.active(decode):
             got = model(input_ids=ids).logits
         switcher.apply(plan)
         expected = model(input_ids=ids[:1]).logits
         switcher.revert()
         base = model(input_ids=ids[1:]).logits
-    guests.close()
+    corrector.close()
     torch.testing.assert_close(got, torch.cat([expected, base]), rtol=1e-4, atol=1e-4)
 
 
@@ -71,17 +72,18 @@ def test_with_the_compiler_hidden_native_rows_fall_back_to_the_same_outputs(tiny
     assert "row-correction kernel unavailable, using PyTorch's sparse products" in caplog.text
     model = tiny_llama(seed=3, vocab=64, hidden=32)
     switcher = Switcher(model)
-    plans = [switcher.prepare([(adapter(model, name, seed), 1.0)]) for name, seed in (("a", 1), ("b", 2))]
+    singles = [random_adapter(model, name, seed, std=0.3, mask_seed_step=100) for name, seed in (("a", 1), ("b", 2))]
+    plans = [switcher.prepare([(single, 1.0)]) for single in singles]
     sets = [0, None, 1, 0]  # None: a base row
     ids = torch.randint(0, 64, (len(sets), 1), generator=torch.Generator().manual_seed(2))
     got = {}
     for native in (True, False):
-        guests = RowCorrector(model, switcher, native=native)
-        assert not guests.native  # asked for or not, the rows run on PyTorch's products
-        deltas = [guests.delta(p) for p in plans]
-        decode = guests.decode_plan([() if s is None else (deltas[s],) for s in sets])
-        with torch.inference_mode(), guests.active(decode):
+        corrector = RowCorrector(model, switcher, native=native)
+        assert not corrector.native  # asked for or not, the rows run on PyTorch's products
+        deltas = [corrector.delta(p) for p in plans]
+        decode = corrector.decode_plan([() if s is None else (deltas[s],) for s in sets])
+        with torch.inference_mode(), corrector.active(decode):
             got[native] = model(input_ids=ids).logits
-        guests.close()
+        corrector.close()
     assert torch.equal(got[True], got[False])
     torch.testing.assert_close(got[True], isolated(model, switcher, plans, sets, ids), rtol=1e-4, atol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_adapters import random_adapter
 
 from shira_core.batched import RowCorrector
 from shira_core.io import adapter_from_bytes, adapter_to_bytes
@@ -16,7 +17,7 @@ from shira_core.switcher import Switcher
 from shira_core.training import TrainConfig, parse_jsonl, train_adapter
 from shira_core.training.data import examples_to_jsonl
 
-from .conftest import assert_matches_snapshot, dense_expected, random_adapter, snapshot, unique_weights
+from .conftest import adaptable_names, assert_matches_snapshot, dense_expected, snapshot, unique_weights
 from .training_support import char_tokenizer, records
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -40,7 +41,8 @@ def test_apply_transition_and_revert_are_exact_on_the_device(tiny_llama, device,
     model = _on(tiny_llama, device, dtype)
     snap = snapshot(model)
     base = {n: w.cpu() for n, w in unique_weights(model).items()}
-    a, b = random_adapter(model, "a", 1), random_adapter(model, "b", 2)
+    every = adaptable_names(model)
+    a, b = random_adapter(model, "a", 1, every), random_adapter(model, "b", 2, every)
     switcher = Switcher(model)
     for items, step in (([(a, 1.0)], switcher.apply), ([(a, 0.6), (b, 0.4)], switcher.transition)):
         step(items)
@@ -57,9 +59,9 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
     model = _on(tiny_llama, device, dtype)
     snap = snapshot(model)
     switcher = Switcher(model)
-    guests = RowCorrector(model, switcher)
+    corrector = RowCorrector(model, switcher)
     linear = linear_weight_names(model)
-    plans = [switcher.prepare([(random_adapter(model, f"s{i}", i + 1, linear, scale=0.3), 1.0)]) for i in range(3)]
+    plans = [switcher.prepare([(random_adapter(model, f"s{i}", i + 1, linear, std=0.3), 1.0)]) for i in range(3)]
     sets = [0, None, 1, 2, 0]  # None: a base row
     ids = torch.randint(0, 64, (len(sets), 6), generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -72,12 +74,12 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
         _use(switcher, plans[s] if s is not None else None)
         expected.append(logits(ids[r : r + 1])[0])
     expected = torch.stack(expected)
-    switcher.apply(plans[0])  # host: set 0, so set rows carry d_S - d_0 and base rows carry -d_0
-    minus_host = guests.delta(plans[0], negate=True)
-    rows = [() if s == 0 else ((guests.delta(plans[s]),) if s is not None else ()) + (minus_host,) for s in sets]
-    with guests.active(guests.prefill_plan(rows)):
+    switcher.apply(plans[0])  # merged: set 0, so set rows carry d_S - d_0 and base rows carry -d_0
+    minus_merged = corrector.delta(plans[0], negate=True)
+    rows = [() if s == 0 else ((corrector.delta(plans[s]),) if s is not None else ()) + (minus_merged,) for s in sets]
+    with corrector.active(corrector.prefill_plan(rows)):
         mixed = logits(ids)
-    with guests.active(guests.decode_plan(rows)):
+    with corrector.active(corrector.decode_plan(rows)):
         mixed_last = logits(ids[:, -1:])
     plain = logits(ids)
     switcher.revert()
@@ -86,10 +88,10 @@ def test_guest_rows_give_each_row_its_own_set_on_the_device(tiny_llama, device, 
         _use(switcher, plans[s] if s is not None else None)
         alone_last.append(logits(ids[r : r + 1, -1:])[0])
     switcher.revert()
-    guests.close()
+    corrector.close()
 
     # Summing a correction in the activations' dtype rounds differently from rounding W + d first, so the
-    # check is relative: the corrected rows sit far closer to their own sets than the host's output does.
+    # check is relative: the corrected rows sit far closer to their own sets than the merged set's output does.
     spread = (plain - expected).abs().mean()
     assert spread > 0.05
     assert (mixed - expected).abs().mean() < 0.05 * spread

@@ -80,7 +80,15 @@ def test_tiny_magnitude_weights_survive_rounding(tiny_llama):
     with torch.no_grad():
         model.get_parameter(Q0).mul_(1e-4)
     fp = BaseFingerprint.of(model)
-    fp.check(adapter_for(fp, {Q0: (32, 32)}))
+    assert 0 < fp.probes[Q0] < 1e-5
+    stored = fp.to_dict([Q0])["probes"][Q0]
+    assert stored == pytest.approx(fp.probes[Q0], rel=1e-5)  # six significant digits, not six decimals
+    adapter = adapter_for(fp, {Q0: (32, 32)})
+    fp.check(adapter)
+    with torch.no_grad():  # 10% larger, still tiny: another base, which the rounded probe can tell apart
+        model.get_parameter(Q0).mul_(1.1)
+    with pytest.raises(BaseModelMismatchError, match=r"weight model\.layers\.0\.self_attn\.q_proj\.weight"):
+        BaseFingerprint.of(model).check(adapter)
 
 
 def test_unknown_layer_and_shape(fp):
@@ -106,6 +114,12 @@ def test_shapes_only_fingerprint_checks_structure_not_values(tiny_llama, fp):
         BaseFingerprint(dict(deeper.shapes), {}, "meta").check(adapter_for(fp, {Q0: (32, 32)}))
 
 
-def test_adapter_without_fingerprint_checks_names_and_shapes_only(tiny_llama):
+def test_adapter_without_fingerprint_checks_names_and_shapes_only(tiny_llama, fp):
     other = BaseFingerprint.of(tiny_llama(seed=3))
-    other.check(adapter_for(None, {Q0: (32, 32)}))
+    with pytest.raises(BaseModelMismatchError):  # with seed 0's fingerprint, the values are compared and differ
+        other.check(adapter_for(fp, {Q0: (32, 32)}))
+    other.check(adapter_for(None, {Q0: (32, 32)}))  # without one, there are no values to compare
+    with pytest.raises(ShapeMismatchError, match=r"q_proj.*\[32, 16\].*\[32, 32\]"):
+        other.check(adapter_for(None, {Q0: (32, 16)}))
+    with pytest.raises(UnknownLayerError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
+        other.check(adapter_for(None, {"model.layers.9.mlp.up_proj.weight": (64, 32)}))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_adapters import random_adapter
 
 from shira_core import FusionError, SparseAdapter, SparseDelta, Switcher, fuse, fuse_linear, fuse_ties
 
-from .conftest import random_adapter, unique_weights
+from .conftest import unique_weights
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 UP0 = "model.layers.0.mlp.up_proj.weight"

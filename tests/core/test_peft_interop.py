@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from random_adapters import random_adapter
 from safetensors.torch import load_file, save_file
 
 from shira_core import (
@@ -22,15 +23,8 @@ from shira_core import (
     UnknownLayerError,
 )
 from shira_core.models import linear_weight_names
-from shira_core.peft_interop import (
-    CONFIG_FILE,
-    WEIGHTS_FILE,
-    load_peft_adapter,
-    peft_from_bytes,
-    peft_rank,
-    peft_records_shapes,
-    save_peft_adapter,
-)
+from shira_core.peft_export import peft_rank, save_peft_adapter
+from shira_core.peft_interop import CONFIG_FILE, WEIGHTS_FILE, load_peft_adapter, peft_from_bytes, peft_records_shapes
 
 peft = pytest.importorskip("peft")
 
@@ -123,20 +117,20 @@ def test_unsorted_and_duplicate_pairs_match_peft(tiny_llama, peft_dir: Path) -> 
     torch.testing.assert_close(switched_logits(fresh, adapter), expected, atol=1e-5, rtol=0)
 
 
-def uneven_adapter(model: torch.nn.Module, make_adapter) -> SparseAdapter:
+def uneven_adapter(model: torch.nn.Module) -> SparseAdapter:
     """Different densities per layer, so the export needs zero padding to reach one r*(in+out) everywhere."""
     names = linear_weight_names(model)
-    adapter = make_adapter(model, "native", seed=11, layers=names[:4], density=0.1, pool=1.0, scale=0.5)
-    sparse = make_adapter(model, "b", seed=12, layers=names[4:], density=0.02, pool=1.0, scale=0.5)
+    adapter = random_adapter(model, "native", seed=11, layers=names[:4], density=0.1, pool=1.0, std=0.5)
+    sparse = random_adapter(model, "b", seed=12, layers=names[4:], density=0.02, pool=1.0, std=0.5)
     adapter.deltas.update(sparse.deltas)
     adapter.base_fingerprint = BaseFingerprint.of(model).to_dict(names)
     adapter.extra = {"note": "kept"}
     return adapter
 
 
-def test_export_loads_in_peft_with_same_logits(tiny_llama, make_adapter, tmp_path: Path) -> None:
+def test_export_loads_in_peft_with_same_logits(tiny_llama, tmp_path: Path) -> None:
     model = tiny_llama(seed=0)
-    adapter = uneven_adapter(model, make_adapter)
+    adapter = uneven_adapter(model)
     r = peft_rank(adapter)
     assert r > 1 and any(d.nnz < r * sum(d.shape) for d in adapter)
     out = save_peft_adapter(adapter, tmp_path / "exported", base_model_name_or_path="tiny")
@@ -160,13 +154,13 @@ def test_export_loads_in_peft_with_same_logits(tiny_llama, make_adapter, tmp_pat
         assert torch.equal(back.deltas[name].values, d.values), name
 
 
-def test_export_refuses_what_peft_cannot_hold(tiny_llama, make_adapter, tmp_path: Path) -> None:
+def test_export_refuses_what_peft_cannot_hold(tiny_llama, tmp_path: Path) -> None:
     model = tiny_llama(seed=0)
-    norm = make_adapter(model, "norm", seed=1, layers=["model.layers.0.input_layernorm.weight"])
+    norm = random_adapter(model, "norm", seed=1, layers=["model.layers.0.input_layernorm.weight"])
     with pytest.raises(ShapeMismatchError, match=r"2-D nn.Linear.*input_layernorm.*\[32\]"):
         save_peft_adapter(norm, tmp_path / "a")
     k = "model.layers.0.self_attn.k_proj.weight"  # [16, 32]: 512 entries need r=11, 11*48 = 528 > 512
-    dense = make_adapter(model, "dense", seed=1, layers=[k], density=1.0, pool=1.0)
+    dense = random_adapter(model, "dense", seed=1, layers=[k], density=1.0, pool=1.0)
     with pytest.raises(ShapeMismatchError, match=r"r=11.*would need 528 entries but has only 512"):
         save_peft_adapter(dense, tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
@@ -222,7 +216,7 @@ def test_bad_peft_inputs(tiny_llama, peft_dir: Path, edit, error, message) -> No
         load_peft_adapter(peft_dir, base=BaseFingerprint.of(tiny_llama(seed=0)))
 
 
-def test_import_needs_a_matching_base(tiny_llama, peft_dir: Path, make_adapter, tmp_path: Path) -> None:
+def test_import_needs_a_matching_base(tiny_llama, peft_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(AdapterFormatError, match="do not record weight shapes.*--base"):
         load_peft_adapter(peft_dir)
     with pytest.raises(ShapeMismatchError, match="the adapter was made for a weight of another shape"):
@@ -233,7 +227,7 @@ def test_import_needs_a_matching_base(tiny_llama, peft_dir: Path, make_adapter, 
         load_peft_adapter(peft_dir / CONFIG_FILE)
 
     model = tiny_llama(seed=0)
-    adapter = uneven_adapter(model, make_adapter)
+    adapter = uneven_adapter(model)
     out = save_peft_adapter(adapter, tmp_path / "exported")
     with pytest.raises(BaseModelMismatchError, match="was built for base"):
         load_peft_adapter(out, base=BaseFingerprint.of(tiny_llama(seed=1)))

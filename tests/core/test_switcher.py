@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from random_adapters import random_adapter
 
 from shira_core import (
     FusionError,
@@ -20,13 +21,7 @@ from shira_core import (
     UnknownLayerError,
 )
 
-from .conftest import (
-    assert_matches_snapshot,
-    dense_expected,
-    random_adapter,
-    snapshot,
-    unique_weights,
-)
+from .conftest import adaptable_names, assert_matches_snapshot, dense_expected, snapshot, unique_weights
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"  # tied to EMBED
@@ -58,7 +53,7 @@ def four_adapters(model: torch.nn.Module, seeds: list[int]) -> list[SparseAdapte
         random_adapter(model, "a", seeds[0], [EMBED, Q0, UP0, DOWN1]),
         random_adapter(model, "b", seeds[1], [HEAD, Q0, O1, UP0], dtype=torch.bfloat16),
         random_adapter(model, "c", seeds[2], [EMBED, HEAD, DOWN1, K0], dtype=torch.float16),
-        random_adapter(model, "d", seeds[3], density=0.05, pool=1.0),
+        random_adapter(model, "d", seeds[3], adaptable_names(model), density=0.05, pool=1.0),
     ]
 
 
@@ -133,7 +128,7 @@ def test_binding_keeps_logits_identical(model):
         before = model(ids).logits
         switcher = Switcher(model)
         after = model(ids).logits
-        switcher.apply([(random_adapter(model, "a", 1, scale=0.5), 1.0)])
+        switcher.apply([(random_adapter(model, "a", 1, adaptable_names(model), std=0.5), 1.0)])
         adapted = model(ids).logits
         switcher.revert()
         reverted = model(ids).logits
@@ -239,7 +234,7 @@ def test_memory_reports_active_plan(model):
 @pytest.mark.parametrize("move", ["half", "to_double", "realloc_one"])
 def test_reallocated_weights_are_detected(model, move):
     switcher = Switcher(model)
-    a = random_adapter(model, "a", 4)
+    a = random_adapter(model, "a", 4, adaptable_names(model))
     switcher.apply([(a, 1.0)])
     if move == "half":
         model.half()

@@ -17,8 +17,7 @@ from collections.abc import Sequence
 import httpx
 import torch
 
-from shira_core.delta import SparseAdapter, SparseDelta
-from shira_core.fingerprint import BaseFingerprint
+from shira_core.delta import SparseAdapter
 from shira_core.fusion import fuse
 from shira_core.io import adapter_to_bytes
 from shira_core.switcher import Switcher
@@ -88,22 +87,10 @@ class ServerThread:
         self.thread.join(60)
 
 
-def random_adapter(
-    model: torch.nn.Module, name: str, seed: int, density: float = 0.004, std: float = 0.08,
-    targets: Sequence[str] = ("q_proj", "v_proj", "o_proj"),
-) -> SparseAdapter:
-    """A random sparse adapter over the given projections, fingerprinted for `model`."""
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
+def attention_weights(model: torch.nn.Module, targets: Sequence[str] = ("q_proj", "v_proj", "o_proj")) -> list[str]:
+    """The weight names of the given projections, in model order: what the random test adapters adapt."""
     suffixes = tuple(f"{t}.weight" for t in targets)
-    for pname, param in model.named_parameters():
-        if pname.endswith(suffixes):
-            n = param.numel()
-            k = max(1, int(n * density))
-            idx = torch.randperm(n, generator=gen)[:k].sort().values
-            deltas[pname] = SparseDelta(pname, tuple(param.shape), idx, torch.randn(k, generator=gen) * std)
-    fingerprint = BaseFingerprint.of(model).to_dict(deltas)
-    return SparseAdapter(name, deltas, "rand", fingerprint, f"random test adapter {name}")
+    return [name for name, _ in model.named_parameters() if name.endswith(suffixes)]
 
 
 @torch.inference_mode()

@@ -9,13 +9,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from random_adapters import random_adapter
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
-from server_support import NEW, random_adapter
+from server_support import NEW, attention_weights
 
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.io import adapter_to_bytes
-from shira_core.peft_interop import peft_to_bytes
+from shira_core.peft_export import peft_to_bytes
 
 pytestmark = pytest.mark.integration
 DEEP = 100_000
@@ -78,7 +79,9 @@ def hostile_uploads(good: SparseAdapter) -> dict[str, tuple[dict, int]]:
 
 
 def test_hostile_uploads_are_4xx_and_store_nothing(live):
-    good = random_adapter(live.engine.model, "good", 7)
+    model = live.engine.model
+    good = random_adapter(model, "good", 7, attention_weights(model), density=0.004, std=0.08, pool=1.0,
+                          fingerprint=True, description="random test adapter good")
     before_keys, before_list = live.keys(), live.client.get("/adapters").json()
     for label, (files, status) in hostile_uploads(good).items():
         r = live.upload("hostile", files=files)
@@ -89,7 +92,9 @@ def test_hostile_uploads_are_4xx_and_store_nothing(live):
 
 
 def test_a_name_with_a_trailing_newline_is_refused(live):
-    good = adapter_to_bytes(random_adapter(live.engine.model, "good", 7))
+    model = live.engine.model
+    good = adapter_to_bytes(random_adapter(model, "good", 7, attention_weights(model), density=0.004, std=0.08,
+                                           pool=1.0, fingerprint=True, description="random test adapter good"))
     before = live.keys()
     r = live.upload("evil\n", files={"file": ("a.safetensors", good)})
     assert r.status_code == 400 and "evil" in r.json()["error"]["message"]

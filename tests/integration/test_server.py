@@ -12,7 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from server_support import ADMIN, NEW, PROMPTS, UPLOAD_LIMIT, greedy_text, random_adapter
+from random_adapters import random_adapter
+from server_support import ADMIN, NEW, PROMPTS, UPLOAD_LIMIT, attention_weights, greedy_text
 
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.io import adapter_to_bytes
@@ -21,8 +22,10 @@ pytestmark = pytest.mark.integration
 
 def test_upload_then_generate_matches_shira_core(live):
     assert live.client.get("/ready").json() == {"status": "ready", "model": True, "registry": True}
+    model = live.engine.model
     for name, seed in (("alpha", 1), ("beta", 2), ("gamma", 3)):
-        live.adapters[name] = random_adapter(live.engine.model, name, seed)
+        live.adapters[name] = random_adapter(model, name, seed, attention_weights(model), density=0.004, std=0.08,
+                                             pool=1.0, fingerprint=True, description=f"random test adapter {name}")
         r = live.upload(name, live.adapters[name])
         assert r.status_code == 201, r.text
         assert r.json()["nnz"] == live.adapters[name].nnz and r.json()["version"] == 1

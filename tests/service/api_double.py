@@ -13,8 +13,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from service.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError, MalformedUploadError
-from service.generation import AdapterSet, GenerationRequest, GenerationResult, Timings
-from service.types import ResolvedSet, resolved_set
+from service.types import AdapterSet, GenerationRequest, GenerationResult, ResolvedSet, Timings, resolved_set
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.errors import AdapterFormatError, ShiraError
 from shira_core.fingerprint import BaseFingerprint

@@ -1,4 +1,7 @@
-"""Helpers shared by the service tests: a tiny Llama, random adapters, uploads and requests."""
+"""Helpers shared by the service tests: a tiny Llama, uploads and requests.
+
+Random adapters come from tests/random_adapters.py, shared with the other test trees.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +10,11 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from service.generation import AdapterRef, AdapterSet, GenerationRequest, SamplingParams
 from service.registry import RedisRegistry
-from shira_core.delta import SparseAdapter, SparseDelta
+from service.types import AdapterRef, AdapterSet, GenerationRequest, SamplingParams
+from shira_core.delta import SparseAdapter
 from shira_core.fingerprint import BaseFingerprint
 from shira_core.io import adapter_to_bytes
-from shira_core.masks import rand_mask
-from shira_core.models import linear_weight_names
 
 TEST_REDIS_URL = os.environ.get("SHIRA_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
@@ -24,18 +25,6 @@ def tiny_model(vocab: int) -> LlamaForCausalLM:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return LlamaForCausalLM(config).eval()
-
-
-def random_adapter(model, name: str, seed: int, density: float, std: float) -> SparseAdapter:
-    """A SHiRA-Rand adapter over every linear weight, values ~ N(0, std), with the model's fingerprint."""
-    params = dict(model.named_parameters())
-    gen = torch.Generator().manual_seed(seed)
-    deltas = {}
-    for i, layer in enumerate(linear_weight_names(model)):
-        weight = params[layer]
-        idx = rand_mask(weight, density, seed=seed * 1000 + i).cpu()
-        deltas[layer] = SparseDelta(layer, tuple(weight.shape), idx, torch.randn(idx.numel(), generator=gen) * std)
-    return SparseAdapter(name, deltas, "rand", BaseFingerprint.of(model).to_dict(deltas))
 
 
 def upload(registry: RedisRegistry, adapter: SparseAdapter, fingerprint: BaseFingerprint):

@@ -15,7 +15,7 @@ from api_double import EchoEngine, tiny_adapter
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
-from service import adapter_service
+from service import validation
 from service.config import Settings
 from service.main import create_app
 from shira_core import metadata
@@ -174,7 +174,7 @@ def test_a_description_over_the_limit_is_a_422_naming_it(client, tiny, ns_keys):
     stored = upload(client, "described", data, description="d" * 4096)
     assert stored.status_code == 201 and stored.json()["description"] == "d" * 4096
     # the form's limit is the parsers' limit on the description inside a file (kept apart: no torch import)
-    assert adapter_service.MAX_DESCRIPTION_CHARS == metadata.MAX_DESCRIPTION_CHARS
+    assert validation.MAX_DESCRIPTION_CHARS == metadata.MAX_DESCRIPTION_CHARS
 
 
 def test_tiny_temperatures_are_refused_with_the_minimum(client):

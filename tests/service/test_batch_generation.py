@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from service.batch_generation import BatchGenerator, Row
-from service.generation import SamplingParams
 from service.sampling import sample
+from service.types import SamplingParams
 
 PROMPTS = ["Hello", "The capital of France is", "One two three four five six seven", "a b"]
 

@@ -8,7 +8,8 @@ import uuid
 import pytest
 import redis
 import torch
-from support import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload
+from random_adapters import random_adapter
+from support import TEST_REDIS_URL, hf_greedy, request, tiny_model, upload
 
 from service import metrics
 from service.config import Settings
@@ -22,8 +23,8 @@ from service.errors import (
     QueueFullError,
     RegistryUnavailableError,
 )
-from service.generation import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, SamplingParams
 from service.registry import RedisRegistry
+from service.types import AdapterRef, AdapterSet, GenerationRequest, GenerationResult, SamplingParams
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.fusion import fuse_ties
 from shira_core.io import adapter_to_bytes
@@ -42,7 +43,8 @@ def tiny(tokenizer, registry):
     engine = Engine(settings, registry, model=model, tokenizer=tokenizer)
     engine.start()
     for seed, name in enumerate(["a1", "a2", "a3"], start=1):
-        upload(registry, random_adapter(model, name, seed, density=0.1, std=0.5), engine.fingerprint)
+        adapter = random_adapter(model, name, seed, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+        upload(registry, adapter, engine.fingerprint)
     yield engine
     engine.stop()
 
@@ -213,7 +215,7 @@ def test_request_validation(tiny):
 
 
 def test_validate_upload_maps_core_errors(tiny, tokenizer):
-    good = random_adapter(tiny.model, "up", 5, density=0.05, std=0.1)
+    good = random_adapter(tiny.model, "up", 5, density=0.05, std=0.1, mask_seed_step=1000, fingerprint=True)
     assert tiny.validate_upload(adapter_to_bytes(good), "renamed").name == "renamed"
     with pytest.raises(MalformedUploadError, match="'up'"):
         tiny.validate_upload(b"not safetensors at all", "up")
@@ -221,7 +223,7 @@ def test_validate_upload_maps_core_errors(tiny, tokenizer):
     with torch.no_grad():
         for p in other.parameters():
             p.mul_(3.0)
-    foreign = random_adapter(other, "foreign", 5, density=0.05, std=0.1)
+    foreign = random_adapter(other, "foreign", 5, density=0.05, std=0.1, mask_seed_step=1000, fingerprint=True)
     with pytest.raises(InvalidAdapterError, match="built for base"):
         tiny.validate_upload(adapter_to_bytes(foreign), "foreign")
     layer = linear_weight_names(tiny.model)[0]
@@ -256,7 +258,8 @@ def real(data_dir):
 @pytest.mark.integration
 def test_real_model_matches_shira_core_and_restores_the_base(real):
     engine, registry, snapshot = real
-    adapters = {name: random_adapter(engine.model, name, seed, density=0.01, std=0.02)
+    adapters = {name: random_adapter(engine.model, name, seed, density=0.01, std=0.02, mask_seed_step=1000,
+                                     fingerprint=True)
                 for seed, name in enumerate(["r1", "r2", "r3"], start=1)}
     for adapter in adapters.values():
         upload(registry, adapter, engine.fingerprint)

@@ -11,7 +11,8 @@ import asyncio
 
 import pytest
 import torch
-from support import random_adapter, request, tiny_model, upload
+from random_adapters import random_adapter
+from support import request, tiny_model, upload
 
 from service.config import Settings
 from service.engine import Engine
@@ -29,7 +30,8 @@ def test_bf16_engine_serves_every_set_and_restores_the_base(tokenizer, registry,
     engine.start()
     try:
         for seed, name in enumerate(["a1", "a2", "a3"], start=1):
-            upload(registry, random_adapter(model, name, seed, density=0.1, std=0.5), engine.fingerprint)
+            adapter = random_adapter(model, name, seed, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+            upload(registry, adapter, engine.fingerprint)
         ids = engine.encode(prompt="Hello there")
         sets = [(), ("a1",), ("a2",), ("a3",), ("a1", "a2"), ("a1",)]
 

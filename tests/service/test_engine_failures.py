@@ -16,9 +16,9 @@ from service.config import Settings
 from service.embedded_redis import connect
 from service.engine import Engine
 from service.errors import GenerationFailedError, InvalidAdapterError
-from service.generation import GenerationRequest, SamplingParams
 from service.mixed_batches import MixedBatches
 from service.registry import RedisRegistry
+from service.types import GenerationRequest, SamplingParams
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.fingerprint import BaseFingerprint
 from shira_core.io import adapter_to_bytes

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from support import TEST_REDIS_URL, hf_greedy, random_adapter, request, tiny_model, upload  # noqa: F401
+from random_adapters import random_adapter
+from support import TEST_REDIS_URL, hf_greedy, request, tiny_model, upload  # noqa: F401
 
 from service import metrics
 from service.config import Settings
@@ -31,7 +32,8 @@ def tiny_mixed(request, tokenizer, registry):  # noqa: F811 - the module fixture
     engine = Engine(settings, registry, model=model, tokenizer=tokenizer)
     engine.start()
     for seed, name in enumerate(["a1", "a2", "a3"], start=1):
-        upload(registry, random_adapter(model, name, seed, density=0.1, std=0.5), engine.fingerprint)
+        adapter = random_adapter(model, name, seed, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+        upload(registry, adapter, engine.fingerprint)
     yield engine, snapshot
     engine.stop()
 
@@ -58,7 +60,7 @@ def test_rows_of_many_sets_share_one_batch_and_the_base_is_restored(tiny_mixed):
     assert count("shira_step_seconds_count", kind="decode") >= steps[0] + 5
     assert count("shira_step_seconds_count", kind="prefill") >= steps[1] + 2
     assert count("shira_guest_plan_build_seconds_count") > builds
-    assert first.timings.switch_ms > 0  # the host switch inside a mixed batch is reported to its rows
+    assert first.timings.switch_ms > 0  # the switch of the merged set inside a mixed batch is reported to its rows
     assert batches <= 2  # one mixed batch (a late arrival may start a second), not one per set
     assert [[a["name"] for a in r.adapters] for r in results] == [list(s) for s in sets]
     assert all(r.completion_tokens == 6 for r in results)
@@ -104,7 +106,7 @@ def test_the_decode_plan_stays_within_its_byte_budget_and_rows_past_it_wait(tiny
     budget = unbounded // 2
     mixed.plan_bytes, mixed.peak_plan_bytes = budget, 0
     bounded = asyncio.run(run())
-    assert 0 < mixed.peak_plan_bytes <= budget  # guests still mixed, never past the budget
+    assert 0 < mixed.peak_plan_bytes <= budget  # corrected rows still mixed, never past the budget
     assert [r.completion_tokens for r in bounded] == [6] * len(sets)
     assert [[a["name"] for a in r.adapters] for r in bounded] == [list(s) for s in sets]
     assert len({r.text for r in free}) > 1
@@ -143,7 +145,8 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs(data_dir):
     engine = Engine(Settings(batch_wait_ms=50.0, mixed_batches=True), registry, model=model, tokenizer=tok)
     engine.start()
     try:
-        adapters = {f"m{i}": random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02) for i in range(3)}
+        adapters = {f"m{i}": random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02, mask_seed_step=1000,
+                                            fingerprint=True) for i in range(3)}
         for adapter in adapters.values():
             upload(registry, adapter, engine.fingerprint)
         prompts = [engine.encode(prompt="The capital of France is"),
@@ -179,8 +182,8 @@ def test_real_model_mixed_batch_texts_equal_isolated_runs(data_dir):
 @pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, native):  # noqa: F811
     from service.batch_generation import Row
-    from service.generation import SamplingParams
     from service.mixed_batches import MixedBatches
+    from service.types import SamplingParams
     from shira_core.batched import PackedDelta, RowCorrector
     from shira_core.switcher import Switcher
 
@@ -198,18 +201,18 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
         return [Row([1], SamplingParams(max_new_tokens=32), set_key=k) for k in sets]
 
     if native:
-        # The host's negated delta is read once for all guest rows, and so is A's own under the base: with
-        # half the rows on A the two hosts cost the same per step, so the one in the weights stays.
+        # The merged set's negated delta is read once for all corrected rows, and so is A's own under the base:
+        # with half the rows on A the two merged sets cost the same per step, so the one in the weights stays.
         assert mixed.choose_merged(rows(4)) == "A"
-        assert mixed.choose_merged(rows(2)) == ()  # 6 guests carrying A's negated delta too: the base pays
+        assert mixed.choose_merged(rows(2)) == ()  # 6 corrected rows carrying A's negated delta too: the base pays
         active[0] = ()
         assert mixed.choose_merged(rows(4)) == ()
         assert mixed.choose_merged(rows(6)) == "A"
         return
-    # Half the rows on the host's set: each other row would carry two deltas (8 entries-worth at the slower
+    # Half the rows on the merged set: each other row would carry two deltas (8 entries-worth at the slower
     # two-term rate) against one each (8) under the base, so the base wins even after paying the switch.
     assert mixed.choose_merged(rows(4)) == ()
-    assert mixed.choose_merged(rows(6)) == "A"  # 2 guests x 2 deltas: cheaper than 8 rows x 1
+    assert mixed.choose_merged(rows(6)) == "A"  # 2 corrected rows x 2 deltas: cheaper than 8 rows x 1
     active[0] = ()
     assert mixed.choose_merged(rows(4)) == ()
     assert mixed.choose_merged(rows(8)) == "A"
@@ -223,36 +226,6 @@ class ActiveKey:
 
     def __setitem__(self, index: int, key) -> None:
         self.merged.key = key
-
-
-def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
-    from service.scheduler import Scheduler
-
-    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
-    for key, item in [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]:
-        s.submit(key, item)
-    assert s.heads() == [("a", 1), ("b", 2), ("c", 4)]
-    taken = s.take_oldest({"a", "b"}, 3)
-    assert [t.item for t in taken] == [1, 2, 3] and not any(t.queued for t in taken)
-    assert s.depth == 2 and s.heads() == [("b", 5), ("c", 4)]
-    assert [t.item for t in s.take_oldest({"b", "c", "zzz"}, 10)] == [4, 5] and s.depth == 0
-
-
-def test_scheduler_take_stops_at_the_first_ticket_that_does_not_fit():
-    from service.scheduler import Scheduler
-
-    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
-    for key, item in [("a", 1), ("big", 2), ("a", 3)]:
-        s.submit(key, item)
-    asked = []
-
-    def admits(key):
-        asked.append(key)
-        return key != "big"
-
-    assert [t.item for t in s.take_oldest({"a", "big"}, 8, admits)] == [1]  # 3 does not overtake 2
-    assert asked == ["a", "big"] and s.depth == 2
-    assert [t.item for t in s.take_oldest({"a", "big"}, 8, lambda key: True)] == [2, 3]
 
 
 def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
@@ -271,7 +244,8 @@ def test_a_fresh_batch_is_prefilled_under_the_host_its_steps_choose(tiny_mixed):
     async def run():
         await engine.generate(request(ids, "a1", n=2))  # leaves a1 in the weights
         depths.clear()
-        sets = [("a2",), ("a3",), (), ("a2",)]  # the base hosts these best (over enough steps to pay the switch)
+        # the base is the best merged set for these (over enough steps to pay the switch)
+        sets = [("a2",), ("a3",), (), ("a2",)]
         return await asyncio.gather(*(engine.generate(request(ids, *s, n=16)) for s in sets))
 
     results = asyncio.run(run())

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from support import random_adapter, tiny_model
+from random_adapters import random_adapter
+from support import tiny_model
 
 from service.config import Settings
 from service.embedded_redis import EmbeddedRedis, connect, start_embedded
@@ -78,7 +79,8 @@ def test_cached_adapters_serve_through_an_outage_and_everything_recovers(server,
     engine = Engine(settings, registry, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)
 
     def upload(client: TestClient, name: str, seed: int):
-        data = adapter_to_bytes(random_adapter(pristine, name, seed, density=0.1, std=0.5))
+        adapter = random_adapter(pristine, name, seed, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+        data = adapter_to_bytes(adapter)
         return client.post("/adapters", data={"name": name}, files={"file": ("a.safetensors", data)}, headers=AUTH)
 
     def post(client: TestClient, adapter: str | None = None):

@@ -21,9 +21,10 @@ from service.errors import (
     AdapterConflictError,
     AdapterNotFoundError,
     InvalidRequestError,
+    RegistryIntegrityError,
     RegistryUnavailableError,
 )
-from service.registry import RedisRegistry, RegistryIntegrityError
+from service.registry import RedisRegistry
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.io import adapter_from_bytes, adapter_to_bytes
 
@@ -105,22 +106,22 @@ def test_list_is_sorted_by_name_paginated_and_counts_names(registry: RedisRegist
         registry.put(name, name.encode(), INFO)
     registry.put("alpha", b"alpha v2", INFO)
 
-    page, total = registry.list(offset=0, limit=2)
+    page, total = registry.list_latest(offset=0, limit=2)
     assert total == 5
     assert [(r.name, r.version) for r in page] == [("alpha", 2), ("bravo", 1)]
-    page, total = registry.list(offset=2, limit=2)
+    page, total = registry.list_latest(offset=2, limit=2)
     assert [r.name for r in page] == ["charlie", "delta"] and total == 5
-    page, total = registry.list(offset=4, limit=50)
+    page, total = registry.list_latest(offset=4, limit=50)
     assert [r.name for r in page] == ["echo"]
-    assert registry.list(offset=5, limit=2) == ([], 5)
+    assert registry.list_latest(offset=5, limit=2) == ([], 5)
     with pytest.raises(InvalidRequestError, match="limit"):
-        registry.list(offset=0, limit=0)
+        registry.list_latest(offset=0, limit=0)
     with pytest.raises(InvalidRequestError, match="offset"):
-        registry.list(offset=-1)
+        registry.list_latest(offset=-1)
     # Redis itself refuses a ZRANGE end past 2**63 - 1; that must be the client's 400, not "registry down"
     with pytest.raises(InvalidRequestError, match="offset"):
-        registry.list(offset=2**63 - 2)
-    assert registry.list(offset=2**31 - 1, limit=1000) == ([], 5)
+        registry.list_latest(offset=2**63 - 2)
+    assert registry.list_latest(offset=2**31 - 1, limit=1000) == ([], 5)
 
 
 def test_identical_content_is_stored_once(redis_client: redis.Redis, namespace: str, ns_keys: KeysFn) -> None:
@@ -177,7 +178,7 @@ def test_delete_leaves_no_key_behind(
         registry.delete("gone")
     assert registry.stamp("gone") is None
     assert registry.read(registry.record("keep")) == b"kept bytes"
-    assert registry.list() == ([registry.record("keep")], 1)
+    assert registry.list_latest() == ([registry.record("keep")], 1)
 
 
 def test_upload_after_delete_gets_the_next_version_and_old_refs_stay_gone(registry: RedisRegistry) -> None:
@@ -222,7 +223,7 @@ def test_abandoned_upload_is_invisible_and_expires(redis_client: redis.Redis, na
     assert all(0 < redis_client.ttl(k) <= 2 for k in keys)
     with pytest.raises(AdapterNotFoundError):
         registry.record("crashed")
-    assert registry.list() == ([], 0)
+    assert registry.list_latest() == ([], 0)
     deadline = time.monotonic() + 5
     while ns_keys() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -356,7 +357,7 @@ def test_racing_uploads_and_deletes_keep_the_store_consistent(
 
     assert errors == []
     assert_consistent(redis_client, namespace)
-    for rec in registry.list(limit=10)[0]:
+    for rec in registry.list_latest(limit=10)[0]:
         assert registry.read(rec)[:64] == shared
     for name in ("contended", "other-0", "other-1"):
         with contextlib.suppress(AdapterNotFoundError):
@@ -416,7 +417,7 @@ def test_unreachable_redis_fails_fast_and_logs_the_url_clients_never_see(caplog:
     with pytest.raises(RegistryUnavailableError):
         registry.put("anything", b"data", INFO)
     with pytest.raises(RegistryUnavailableError):
-        registry.list()
+        registry.list_latest()
     assert registry.ping() is False
 
 

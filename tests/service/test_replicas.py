@@ -20,7 +20,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from support import random_adapter, tiny_model
+from random_adapters import random_adapter
+from support import tiny_model
 
 from service.config import Settings
 from service.embedded_redis import connect, free_port
@@ -48,7 +49,8 @@ class Replica:
     pristine: torch.nn.Module
 
     def upload(self, name: str, seed: int) -> dict:
-        data = adapter_to_bytes(random_adapter(self.pristine, name, seed, density=0.1, std=0.5))
+        adapter = random_adapter(self.pristine, name, seed, density=0.1, std=0.5, mask_seed_step=1000, fingerprint=True)
+        data = adapter_to_bytes(adapter)
         r = self.client.post("/adapters", data={"name": name}, files={"file": ("a.safetensors", data)},
                              headers={"Authorization": f"Bearer {ADMIN}"})
         assert r.status_code == 201, r.text

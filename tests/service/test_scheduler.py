@@ -136,3 +136,29 @@ def test_wait_wakes_on_submit():
     s.submit("a", 1)
     thread.join(5)
     assert woke == [True]
+
+
+def test_scheduler_takes_the_oldest_tickets_over_the_given_groups():
+    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
+    for key, item in [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("b", 5)]:
+        s.submit(key, item)
+    assert s.heads() == [("a", 1), ("b", 2), ("c", 4)]
+    taken = s.take_oldest({"a", "b"}, 3)
+    assert [t.item for t in taken] == [1, 2, 3] and not any(t.queued for t in taken)
+    assert s.depth == 2 and s.heads() == [("b", 5), ("c", 4)]
+    assert [t.item for t in s.take_oldest({"b", "c", "zzz"}, 10)] == [4, 5] and s.depth == 0
+
+
+def test_scheduler_take_stops_at_the_first_ticket_that_does_not_fit():
+    s = Scheduler(max_batch_size=8, max_groups_waited=4, max_queue=16)
+    for key, item in [("a", 1), ("big", 2), ("a", 3)]:
+        s.submit(key, item)
+    asked = []
+
+    def admits(key):
+        asked.append(key)
+        return key != "big"
+
+    assert [t.item for t in s.take_oldest({"a", "big"}, 8, admits)] == [1]  # 3 does not overtake 2
+    assert asked == ["a", "big"] and s.depth == 2
+    assert [t.item for t in s.take_oldest({"a", "big"}, 8, lambda key: True)] == [2, 3]

@@ -7,12 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Request, Response
 
-from ... import adapter_service
+from ... import adapter_service, validation
 from ...deps import AdminDep, EngineDep, ReaderDep, RegistryDep, SettingsDep
-from ...generation import NAME_RE
-from ...protocol import AdapterDeleted, AdapterDetail, AdapterInfo, AdapterList, AdapterUploaded, ErrorResponse
+from ...protocol import ADAPTER_ERRORS, AdapterDeleted, AdapterDetail, AdapterInfo, AdapterList, AdapterUploaded
 from ...registry import MAX_LIST_OFFSET
 from ...torch_thread import run_torch
+from ...validation import NAME_RE
+from ..uploads import read_upload_form
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -25,8 +26,8 @@ _UPLOAD_BODY = {
                 "required": ["name"],
                 "properties": {
                     "name": {"type": "string", "pattern": f"^{NAME_RE.pattern}$",
-                             "description": f"The adapter name; {adapter_service.BASE_MODEL_ID!r} is reserved."},
-                    "description": {"type": "string", "maxLength": adapter_service.MAX_DESCRIPTION_CHARS,
+                             "description": f"The adapter name; {validation.BASE_MODEL_ID!r} is reserved."},
+                    "description": {"type": "string", "maxLength": validation.MAX_DESCRIPTION_CHARS,
                                     "description": "Replaces the description inside the file."},
                     "file": {"type": "string", "format": "binary", "description": "Native shira .safetensors."},
                     "adapter_model": {"type": "string", "format": "binary",
@@ -38,11 +39,11 @@ _UPLOAD_BODY = {
         }
     },
 }
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 409, 413, 422, 503)}
 
 
 @router.post(
-    "", status_code=201, response_model=AdapterUploaded, responses=_ERRORS, openapi_extra={"requestBody": _UPLOAD_BODY}
+    "", status_code=201, response_model=AdapterUploaded, responses=ADAPTER_ERRORS,
+    openapi_extra={"requestBody": _UPLOAD_BODY},
 )
 async def upload_adapter(
     request: Request, response: Response, _: AdminDep, engine: EngineDep, registry: RegistryDep,
@@ -54,8 +55,8 @@ async def upload_adapter(
     Each upload of a name adds a version. Uploading the bytes of the current version again changes nothing
     and answers 200.
     """
-    form = await adapter_service.read_upload_form(request, settings.max_upload_bytes)
-    adapter_service.check_name(form.name)
+    form = await read_upload_form(request, settings.max_upload_bytes)
+    validation.check_name(form.name)
     record, created = await run_torch(
         adapter_service.upload_adapter, engine, registry, form.name, form.files, form.description, if_absent
     )
@@ -65,7 +66,7 @@ async def upload_adapter(
     return AdapterUploaded(**record.to_dict(), created_version=created)
 
 
-@router.get("", response_model=AdapterList, responses=_ERRORS)
+@router.get("", response_model=AdapterList, responses=ADAPTER_ERRORS)
 async def list_adapters(
     _: ReaderDep, registry: RegistryDep,
     offset: Annotated[int, Query(ge=0, le=MAX_LIST_OFFSET)] = 0,
@@ -76,7 +77,7 @@ async def list_adapters(
     return AdapterList(adapters=[AdapterInfo(**r.to_dict()) for r in records], total=total, offset=offset, limit=limit)
 
 
-@router.get("/{name}", response_model=AdapterDetail, responses=_ERRORS)
+@router.get("/{name}", response_model=AdapterDetail, responses=ADAPTER_ERRORS)
 async def get_adapter(
     _: ReaderDep, registry: RegistryDep,
     name: Annotated[str, Path(min_length=1, description="An adapter name (latest version) or name@version.")],
@@ -86,7 +87,7 @@ async def get_adapter(
     return AdapterDetail(**record.to_dict(), versions=[AdapterInfo(**v.to_dict()) for v in versions])
 
 
-@router.delete("/{name}", response_model=AdapterDeleted, responses=_ERRORS)
+@router.delete("/{name}", response_model=AdapterDeleted, responses=ADAPTER_ERRORS)
 async def delete_adapter(
     _: AdminDep, registry: RegistryDep, name: Annotated[str, Path(min_length=1, description="An adapter name.")]
 ) -> AdapterDeleted:

@@ -13,10 +13,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from ...adapter_service import BASE_MODEL_ID
-from ...deps import EngineDep, ReaderDep, RegistryDep, SettingsDep
-from ...generation import GenerationResult
+from ...deps import GenerationDep, ReaderDep, RegistryDep
 from ...protocol import (
+    GENERATION_ERRORS,
     AssistantMessage,
     ChatChoice,
     ChatCompletionBody,
@@ -25,17 +24,16 @@ from ...protocol import (
     CompletionBody,
     CompletionChoice,
     CompletionResponse,
-    ErrorResponse,
     OpenAIModel,
     OpenAIModelList,
     Usage,
     sse_content,
 )
-from .. import requests as build
-from ..streaming import open_stream, sse_response, until_disconnect
+from ...types import GenerationResult
+from ...validation import BASE_MODEL_ID
+from ..serving import Formats, GenerationHandler
 
 router = APIRouter(prefix="/v1", tags=["openai"])
-_ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 403, 404, 413, 422, 503)}
 _STREAMED = "JSON, or server-sent events (chunks, then [DONE]) when stream=true."
 OWNER = "shira"
 PAGE = 500
@@ -47,16 +45,16 @@ def _usage(result: GenerationResult) -> Usage:
 
 
 def _list_all(registry: Any) -> list[Any]:
-    records, total = registry.list(offset=0, limit=PAGE)
+    records, total = registry.list_latest(offset=0, limit=PAGE)
     while len(records) < total:
-        page, total = registry.list(offset=len(records), limit=PAGE)
+        page, total = registry.list_latest(offset=len(records), limit=PAGE)
         if not page:
             break
         records.extend(page)
     return records
 
 
-@router.get("/models", response_model=OpenAIModelList, responses=_ERRORS)
+@router.get("/models", response_model=OpenAIModelList, responses=GENERATION_ERRORS)
 async def list_models(_: ReaderDep, registry: RegistryDep, request: Request) -> OpenAIModelList:
     """The base model (id "base") and every adapter."""
     records = await asyncio.to_thread(_list_all, registry)
@@ -66,13 +64,10 @@ async def list_models(_: ReaderDep, registry: RegistryDep, request: Request) -> 
     return OpenAIModelList(data=models)
 
 
-async def _prepare(request: Request, engine: Any, settings: Any, body: Any, prompt_ids: list[int],
-                   max_tokens: int | None, field: str) -> Any:
-    adapter_set = build.model_set(body.model, engine.model_label, settings)
+def _sampling(handler: GenerationHandler, body: Any, max_tokens: int | None, field: str) -> Any:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    params = build.sampling(settings, max_tokens, temperature, top_p, body.seed, body.stop, field=field)
-    return await build.prepare(engine, prompt_ids, params, adapter_set, request.state)
+    return handler.sampling(max_tokens, temperature, top_p, body.seed, body.stop, field=field)
 
 
 def _include_usage(body: Any) -> bool:
@@ -81,14 +76,13 @@ def _include_usage(body: Any) -> bool:
 
 @router.post(
     "/completions", response_model=CompletionResponse,
-    responses={**_ERRORS, 200: {"content": sse_content(CompletionResponse), "description": _STREAMED}},
+    responses={**GENERATION_ERRORS, 200: {"content": sse_content(CompletionResponse), "description": _STREAMED}},
 )
-async def completions(
-    request: Request, body: CompletionBody, _: ReaderDep, engine: EngineDep, settings: SettingsDep
-) -> Any:
+async def completions(request: Request, body: CompletionBody, _: ReaderDep, handler: GenerationDep) -> Any:
     """Text completion (OpenAI /v1/completions), streaming included."""
-    prompt_ids = build.encode(engine, prompt=body.prompt_text())
-    gen = await _prepare(request, engine, settings, body, prompt_ids, body.max_tokens, "max_tokens")
+    prompt_ids = handler.encode(prompt=body.prompt_text())
+    adapter_set = handler.model_set(body.model)
+    params = _sampling(handler, body, body.max_tokens, "max_tokens")
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -101,30 +95,27 @@ async def completions(
             events.append({**chunk("", None), "choices": [], "usage": _usage(result).model_dump()})
         return events
 
-    if body.stream:
-        first, stream = await open_stream(engine, gen)
-        return sse_response(first, stream, on_delta=lambda text: [chunk(text, None)], on_result=final)
-    result = await until_disconnect(request, engine.generate(gen))
-    if not isinstance(result, GenerationResult):
-        return result
-    return CompletionResponse(
-        id=rid, created=created, model=body.model, usage=_usage(result),
-        choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
-    )
+    def answer(result: GenerationResult) -> CompletionResponse:
+        return CompletionResponse(
+            id=rid, created=created, model=body.model, usage=_usage(result),
+            choices=[CompletionChoice(text=result.text, finish_reason=result.finish_reason)],
+        )
+
+    formats = Formats(body=answer, delta=lambda text: [chunk(text, None)], result=final)
+    return await handler.serve(request, adapter_set, params, prompt_ids, bool(body.stream), formats)
 
 
 @router.post(
     "/chat/completions", response_model=ChatCompletionResponse,
-    responses={**_ERRORS, 200: {"content": sse_content(ChatCompletionChunk), "description": _STREAMED}},
+    responses={**GENERATION_ERRORS, 200: {"content": sse_content(ChatCompletionChunk), "description": _STREAMED}},
 )
-async def chat_completions(
-    request: Request, body: ChatCompletionBody, _: ReaderDep, engine: EngineDep, settings: SettingsDep
-) -> Any:
+async def chat_completions(request: Request, body: ChatCompletionBody, _: ReaderDep, handler: GenerationDep) -> Any:
     """Chat completion (OpenAI /v1/chat/completions) with the model's chat template, streaming included."""
-    prompt_ids = build.encode(engine, messages=body.messages)
+    prompt_ids = handler.encode(messages=body.messages)
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    gen = await _prepare(request, engine, settings, body, prompt_ids, max_tokens, field)
+    adapter_set = handler.model_set(body.model)
+    params = _sampling(handler, body, max_tokens, field)
     rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def chunk(delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
@@ -137,16 +128,12 @@ async def chat_completions(
             events.append({**chunk({}, None), "choices": [], "usage": _usage(result).model_dump()})
         return events
 
-    if body.stream:
-        first, stream = await open_stream(engine, gen)
-        return sse_response(
-            first, stream, head=[chunk({"role": "assistant", "content": ""}, None)],
-            on_delta=lambda text: [chunk({"content": text}, None)], on_result=final,
+    def answer(result: GenerationResult) -> ChatCompletionResponse:
+        return ChatCompletionResponse(
+            id=rid, created=created, model=body.model, usage=_usage(result),
+            choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
         )
-    result = await until_disconnect(request, engine.generate(gen))
-    if not isinstance(result, GenerationResult):
-        return result
-    return ChatCompletionResponse(
-        id=rid, created=created, model=body.model, usage=_usage(result),
-        choices=[ChatChoice(message=AssistantMessage(content=result.text), finish_reason=result.finish_reason)],
-    )
+
+    formats = Formats(body=answer, delta=lambda text: [chunk({"content": text}, None)], result=final,
+                      head=[chunk({"role": "assistant", "content": ""}, None)])
+    return await handler.serve(request, adapter_set, params, prompt_ids, bool(body.stream), formats)
