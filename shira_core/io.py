@@ -19,7 +19,7 @@ from safetensors.torch import save as st_save
 from .delta import SparseAdapter, SparseDelta
 from .errors import AdapterFormatError
 from .fingerprint import BaseFingerprint
-from .metadata import MAX_HEADER_BYTES, adapter_header, check_description, check_mask, parse_json
+from .metadata import MAX_HEADER_BYTES, adapter_header, check_description, check_mask, header_fields, parse_json
 
 FORMAT = "shira-sparse"
 FORMAT_VERSION = "1"
@@ -32,19 +32,10 @@ def adapter_to_bytes(adapter: SparseAdapter) -> bytes:
     """Serialises an adapter to the native safetensors bytes."""
     check_free_text(adapter)
     tensors: dict[str, torch.Tensor] = {}
-    shapes: dict[str, list[int]] = {}
     for delta in adapter:
         tensors[delta.name + INDEX_SUFFIX] = delta.indices.detach().cpu().contiguous()
         tensors[delta.name + VALUE_SUFFIX] = delta.values.detach().cpu().contiguous()
-        shapes[delta.name] = list(delta.shape)
-    header = {
-        "name": adapter.name,
-        "mask": adapter.mask,
-        "description": adapter.description,
-        "base_fingerprint": adapter.base_fingerprint,
-        "extra": adapter.extra,
-        "shapes": shapes,
-    }
+    header = header_fields(adapter)
     blob = st_save(tensors, metadata={"format": FORMAT, "format_version": FORMAT_VERSION, "shira": json.dumps(header)})
     return _sorted_header(blob)
 

@@ -247,3 +247,15 @@ def check_peft_config(config: Any, where: str) -> dict[str, Any]:
             (isinstance(targets, list) and all(isinstance(t, str) for t in targets))):
         _fail(where, "target_modules", "null, a string or an array of strings", targets)
     return config
+
+
+def header_fields(adapter: Any) -> dict[str, Any]:
+    """The `shira` header fields both file formats write for a SparseAdapter (the PEFT writer adds `nnz`)."""
+    return {
+        "name": adapter.name,
+        "mask": adapter.mask,
+        "description": adapter.description,
+        "base_fingerprint": adapter.base_fingerprint,
+        "extra": adapter.extra,
+        "shapes": {d.name: list(d.shape) for d in adapter},
+    }

@@ -17,6 +17,7 @@ from safetensors.torch import save as st_save
 from .delta import SparseAdapter, SparseDelta
 from .errors import AdapterFormatError, ShapeMismatchError
 from .io import check_free_text
+from .metadata import header_fields
 from .peft_interop import CONFIG_FILE, INDEX_KEY, META_KEY, PREFIX, WEIGHT_KEY, WEIGHTS_FILE
 
 
@@ -88,15 +89,7 @@ def peft_to_bytes(adapter: SparseAdapter, base_model_name_or_path: str | None = 
         tensors[PREFIX + module + WEIGHT_KEY] = vals.contiguous()
         modules.append(module)
         nnz[delta.name] = delta.nnz
-    header = {
-        "name": adapter.name,
-        "mask": adapter.mask,
-        "description": adapter.description,
-        "base_fingerprint": adapter.base_fingerprint,
-        "extra": adapter.extra,
-        "shapes": {d.name: list(d.shape) for d in adapter},
-        "nnz": nnz,
-    }
+    header = {**header_fields(adapter), "nnz": nnz}
     # Full module paths match exactly one module each (PEFT matches list entries by name or dotted suffix).
     config = {
         "base_model_name_or_path": base_model_name_or_path,
