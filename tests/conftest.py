@@ -57,3 +57,16 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory):
     """One SHIRA_DATA_DIR for the session: the real model is converted from its GGUF file once (~20 s), and
     every later load in the session reads the converted copy under data_dir/models (~1 s)."""
     return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The bundled model's tokenizer, read from its GGUF file once for the whole session (~20 s)."""
+    from transformers import AutoTokenizer
+
+    from shira_core.models import resolve
+
+    source = resolve(None)
+    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    return tok

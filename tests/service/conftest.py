@@ -55,16 +55,3 @@ def ns_keys(redis_client: redis.Redis, namespace: str) -> Callable[[], set[bytes
 @pytest.fixture
 def registry(redis_client: redis.Redis, namespace: str) -> RedisRegistry:
     return RedisRegistry(redis_client, namespace=namespace)
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    """The bundled model's tokenizer, read from its GGUF file once for the whole session (~20 s)."""
-    from transformers import AutoTokenizer
-
-    from shira_core.models import resolve
-
-    source = resolve(None)
-    tok = AutoTokenizer.from_pretrained(source.location, gguf_file=source.gguf_file)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    return tok
