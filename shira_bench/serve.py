@@ -16,7 +16,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import httpx
@@ -183,7 +183,7 @@ def report(result: dict) -> str:
 
 def run(*, url: str | None, token: str | None, redis_url: str | None, rounds: int, requests: int,
         max_new_tokens: int, density: float, model: str | None = None,
-        log: Callable[[str], None] | None = None) -> dict:
+        log: Callable[[str], None] | None = None, env: Mapping[str, str] | None = None) -> dict:
     """Starts a server unless `url` is given, uploads 8 random adapters, measures; returns the summary.
 
     Args:
@@ -192,6 +192,7 @@ def run(*, url: str | None, token: str | None, redis_url: str | None, rounds: in
         model: the server's base model: the started server loads it, and the adapters are built for it
             (None: the bundled model).
         log: progress lines (None: stderr).
+        env: the started server's environment (the CLI passes its own).
     """
     log = log or _to_stderr
     if url is not None and not token:
@@ -202,7 +203,7 @@ def run(*, url: str | None, token: str | None, redis_url: str | None, rounds: in
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         log(f"starting a server on {url} ...")
-        proc = start_server(port, token, redis_url, {"SHIRA_BASE_MODEL": model} if model else {})
+        proc = start_server(port, token, redis_url, {**(env or {}), **({"SHIRA_BASE_MODEL": model} if model else {})})
     try:
         adapters = upload_random_adapters(url, token, 8, density, model)
         result = measure(url, adapters, rounds, requests, max_new_tokens, token, log)

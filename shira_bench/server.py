@@ -3,12 +3,12 @@ uploaded to it."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 
 import httpx
 
@@ -19,9 +19,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(port: int, token: str, redis_url: str | None, extra_env: dict[str, str]) -> subprocess.Popen:
-    """Starts `shira serve` in a subprocess and waits until /ready answers 200."""
-    env = dict(os.environ, SHIRA_ADMIN_TOKEN=token, SHIRA_NAMESPACE=f"bench-{secrets.token_hex(4)}", **extra_env)
+def start_server(port: int, token: str, redis_url: str | None, env: Mapping[str, str]) -> subprocess.Popen:
+    """Starts `shira serve` in a subprocess with `env` (the caller's environment and any settings) and waits until
+    /ready answers 200."""
+    env = {**env, "SHIRA_ADMIN_TOKEN": token, "SHIRA_NAMESPACE": f"bench-{secrets.token_hex(4)}"}
     if redis_url:
         env["SHIRA_REDIS_URL"] = redis_url
     proc = subprocess.Popen(

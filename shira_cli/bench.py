@@ -65,6 +65,7 @@ def bench_serve(
         if url is not None and not admin_token:
             raise typer.BadParameter("--admin-token is needed with --url (to upload the benchmark adapters)")
         result = serve.run(url=url, token=admin_token, redis_url=redis_url, rounds=rounds, requests=requests,
+                           env=dict(os.environ),
                            max_new_tokens=max_new_tokens, density=density, model=model, log=_progress)
         typer.echo(json.dumps(result) if json_out else serve.report(result))
 

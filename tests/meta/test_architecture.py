@@ -9,8 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("shira_core", "service", "shira_cli", "shira_bench")
-# The settings, the command line, and the benchmark harness that hands its environment to the servers it starts.
-ENVIRONMENT_ALLOWED = ("service/config.py", "shira_cli/", "shira_bench/server.py")
+ENVIRONMENT_ALLOWED = ("service/config.py", "shira_cli/")  # the settings and the command line
 
 
 def modules() -> dict[str, Path]:
