@@ -247,7 +247,7 @@ class Worker(threading.Thread):
     def _row(self, p: Pending, start: float, switch_s: float) -> Row:
         queue_s = start - p.enqueued
         metrics.QUEUE_SECONDS.observe(queue_s)
-        clock = self.merged.clock  # mixed batches switch the host mid-batch; those seconds count too
+        clock = self.merged.clock  # mixed batches switch the merged set mid-batch; those count too
 
         def done(row: Row) -> None:
             p.finished = True

@@ -4,7 +4,7 @@ torch work (loading the model, checking an upload, decoding an adapter) runs on 
 Why: OpenMP (libgomp) gives every thread that starts a parallel region a pool of its own, and while the pooled
 threads outnumber the cores it stops spinning between regions, so each of the worker's many small ops pays a
 wake-up. One idle long-lived second pool (asyncio.to_thread's executor, say) made decode steps ~30% slower and
-the sparse guest corrections ~2x slower on 2 cores. A thread that exits takes its pool with it.
+the sparse row corrections ~2x slower on 2 cores. A thread that exits takes its pool with it.
 
 For the same reason the pool is sized to the CPUs this process may use, not the machine's cores.
 """

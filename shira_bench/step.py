@@ -4,10 +4,11 @@ Variants, each with its own prefilled batch, visited in turn for `--steps` steps
 machine's speed hits each alike:
   base        the base weights
   single      one adapter applied (the Switcher's scatter), every row on it
-  mixed       rows drawn from a Zipf distribution over the adapters; the base hosts and every adapted row is
-              corrected by its own delta (guest rows)
-  mixed-host  the same rows with the most common set applied; its rows run free, the others carry their own
-              delta and the host's, negated
+  mixed       rows drawn from a Zipf distribution over the adapters; the base is merged and every adapted row
+              is corrected by its own delta (batched row corrections)
+  mixed-host  the same rows with the most common set merged into the weights; its rows run free, the others
+              carry their own delta and the merged set's, negated (the name and the JSON's "host" key predate
+              the code's word "merged set" and are kept for comparisons with earlier figures)
 The two mixed variants run on the native kernel (shira_core.batched.kernel) where it builds, and again as
 `mixed-torch` and `mixed-host-torch` on PyTorch's sparse products, side by side.
 This is the serving benchmark's mixed/single ratio without HTTP, scheduling or batch churn, so it shows what
@@ -111,24 +112,24 @@ def _mixed_variants(lm: torch.nn.Module, switcher: Any, plans: list[Any], sets: 
     from shira_core.batched import RowCorrector
 
     variants: Variants = {}
-    all_guests = []
+    correctors = []
     for native in (True, False):
-        guests = RowCorrector(lm, switcher, native=native)
-        if native and not guests.native:
+        corrector = RowCorrector(lm, switcher, native=native)
+        if native and not corrector.native:
             continue  # no kernel here: the PyTorch variants only
-        all_guests.append(guests)
-        deltas = [guests.delta(p) for p in plans]
-        minus_host = guests.delta(plans[host], negate=True)
-        mixed = guests.decode_plan([(deltas[s],) for s in sets])
-        guests.forget_plans()  # the plan objects stay usable; this only drops the cache that holds them
-        hosted = guests.decode_plan([() if s == host else (deltas[s], minus_host) for s in sets])
+        correctors.append(corrector)
+        deltas = [corrector.delta(p) for p in plans]
+        minus_merged = corrector.delta(plans[host], negate=True)
+        mixed = corrector.decode_plan([(deltas[s],) for s in sets])
+        corrector.forget_plans()  # the plan objects stay usable; this only drops the cache that holds them
+        merged_plan = corrector.decode_plan([() if s == host else (deltas[s], minus_merged) for s in sets])
         suffix = "" if native else "-torch"
-        variants[f"mixed{suffix}"] = (None, functools.partial(guests.active, mixed))
-        variants[f"mixed-host{suffix}"] = (plans[host], functools.partial(guests.active, hosted))
-    return variants, all_guests
+        variants[f"mixed{suffix}"] = (None, functools.partial(corrector.active, mixed))
+        variants[f"mixed-host{suffix}"] = (plans[host], functools.partial(corrector.active, merged_plan))
+    return variants, correctors
 
 
-def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, all_guests: list[Any], steps: int,
+def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, correctors: list[Any], steps: int,
                  repeats: int) -> dict[str, list[list[float]]]:
     """Each variant's step times, round by round, after one warm-up round."""
     # Each variant keeps its own batch; the rounds visit them in turn for a few steps each, so drift in the
@@ -141,8 +142,8 @@ def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, all_guests
                 switcher.revert()
             else:
                 switcher.apply(applied)
-            for guests in all_guests:  # as the service does after a mixed batch: plain steps carry no wrappers,
-                guests.forget_plans()  # and one RowCorrector' wrappers never sit over the other's
+            for corrector in correctors:  # as the service does after a mixed batch: plain steps carry no wrappers,
+                corrector.forget_plans()  # and one RowCorrector' wrappers never sit over the other's
             times = timer.steps_ms(states[name], context, steps if r else 2)
             if r:
                 rounds[name].append(times)
@@ -168,21 +169,21 @@ def measure(*, model: str = "default", layers: int = 30, device: str = "auto", d
     host = Counter(sets).most_common(1)[0][0]
     timer = StepTimer(lm, rows)
     variants: Variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext)}
-    mixed, all_guests = _mixed_variants(lm, switcher, plans, sets, host)
+    mixed, correctors = _mixed_variants(lm, switcher, plans, sets, host)
     variants.update(mixed)
-    rounds = _time_rounds(timer, switcher, variants, all_guests, steps, repeats)
+    rounds = _time_rounds(timer, switcher, variants, correctors, steps, repeats)
     switcher.revert()
-    for guests in all_guests:
-        guests.close()
-    guests = all_guests[-1]  # PyTorch's, which every layer can run
+    for corrector in correctors:
+        corrector.close()
+    corrector = correctors[-1]  # PyTorch's, which every layer can run
     ms = {k: statistics.median(t for times in v for t in times) for k, v in rounds.items()}
     by_round = {k: [statistics.median(times) for times in v] for k, v in rounds.items()}
     paired = {k: [s / t for s, t in zip(by_round["single"], v, strict=True)] for k, v in by_round.items()}
     report = {
         "setup": {"model": model, "device": str(dev), "dtype": dt, "rows": rows, "sets": sets, "host": host,
                   "adapters": adapters, "density": density, "steps": steps, "repeats": repeats,
-                  "corrected_layers": len(guests.layers), "guest_dtype": str(guests.dtype).replace("torch.", ""),
-                  "native_kernel": all_guests[0].native},
+                  "corrected_layers": len(corrector.layers), "guest_dtype": str(corrector.dtype).replace("torch.", ""),
+                  "native_kernel": correctors[0].native},
         "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
         "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in by_round.items()},
         "vs_single": {k: round(ms["single"] / v, 3) for k, v in ms.items()},

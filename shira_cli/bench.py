@@ -103,7 +103,7 @@ def bench_step(
     repeats: Annotated[int, typer.Option(help="Rounds over the variants (after one warm-up round).")] = 10,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Decode-step time in process: base, one adapter applied, and rows of several adapters (guest rows)."""
+    """Decode-step time in process: base, one adapter applied, and rows of several adapters (row corrections)."""
     from shira_bench import step
 
     with one_line_errors():
