@@ -27,6 +27,12 @@ class Settings(BaseSettings):
     )
 
     redis_url: str | None = Field(None, description="Unset: start an embedded Redis-compatible server.")
+    ready_registry_grace_s: float = Field(
+        30.0, ge=0,
+        description="/ready stays 200 while the registry has been unreachable for less than this: the base model "
+        "and cached adapters still serve, and an outage of the shared Redis must not empty every replica at once. "
+        "Past it, this replica reports not ready (a replica cut off alone should leave the rotation).",
+    )
     data_dir: Path = Field(Path("data"), description="The embedded registry and converted-model copies live here.")
     model_cache: bool = Field(
         True, description="Keep a safetensors copy of a GGUF base: later starts skip the conversion (~20 s for the "

@@ -10,6 +10,7 @@ import json
 import logging
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -275,7 +276,7 @@ def test_unreachable_registry_is_503_and_unexpected_errors_are_500(tiny, registr
         port = s.getsockname()[1]
         dead_url = f"redis://127.0.0.1:{port}/0"
     dead = RedisRegistry(connect(dead_url, connect_timeout=0.5), namespace="nowhere")
-    test_client, engine = make_client(tiny, dead)
+    test_client, engine = make_client(tiny, dead, ready_registry_grace_s=0)
     with test_client as client, caplog.at_level(logging.WARNING, logger="service.registry"):
         ready = client.get("/ready")
         assert ready.status_code == 503 and ready.json() == {"status": "not_ready", "model": True, "registry": False}
@@ -324,3 +325,23 @@ def test_model_load_and_upload_checks_run_on_threads_that_exit(tiny, registry):
         assert thread is not threading.main_thread()
         thread.join(5)
         assert not thread.is_alive(), thread.name
+
+
+def test_readiness_outlasts_a_brief_registry_outage_then_drops(tiny):
+    """The base model and cached adapters keep serving while Redis is away, so a shared outage must not take
+    every replica out of rotation at once; a replica cut off for longer than the grace leaves it."""
+    from service.embedded_redis import connect
+    from service.registry import RedisRegistry
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dead = RedisRegistry(connect(f"redis://127.0.0.1:{port}/0", connect_timeout=0.2), namespace="nowhere")
+    test_client, _ = make_client(tiny, dead, ready_registry_grace_s=1.0)
+    with test_client as client:
+        ready = client.get("/ready")
+        assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": True, "registry": False}
+        assert client.post("/generate", json={"prompt": "hi"}).status_code == 200  # the base model serves
+        time.sleep(1.1)
+        late = client.get("/ready")
+        assert late.status_code == 503 and late.json() == {"status": "not_ready", "model": True, "registry": False}

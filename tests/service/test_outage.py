@@ -74,6 +74,7 @@ def test_cached_adapters_serve_through_an_outage_and_everything_recovers(server,
     registry = RedisRegistry(connect(server.current.url, connect_timeout=0.5), namespace=namespace)
     observer = connect(server.current.url)  # a second client, only to look at the stored keys
     settings = Settings(_env_file=None, admin_token=ADMIN, namespace=namespace, mixed_batches=False,
+                        ready_registry_grace_s=0,
                         batch_wait_ms=0.0, max_new_tokens=64)
     pristine = tiny_model(len(tokenizer))
     engine = Engine(settings, registry, model=tiny_model(len(tokenizer)), tokenizer=tokenizer)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import psutil
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ...deps import EngineDep, ReaderDep, RegistryDep
+from ...deps import EngineDep, ReaderDep, RegistryDep, SettingsDep
 from ...errors import ServiceError
 from ...metrics import (
     GPU_ALLOCATED_BYTES,
@@ -37,12 +38,19 @@ def _registry_ok(registry: Any) -> bool:
         return False
 
 
-@router.get("/ready", responses={503: {"description": "Model not loaded or registry unreachable."}})
-async def ready(engine: EngineDep, registry: RegistryDep) -> JSONResponse:
-    """Readiness: the model is loaded and the registry answers; 503 otherwise. Needs no token."""
+@router.get("/ready", responses={503: {"description": "Model not loaded, or the registry unreachable for longer "
+                                                   "than SHIRA_READY_REGISTRY_GRACE_S."}})
+async def ready(request: Request, engine: EngineDep, registry: RegistryDep, settings: SettingsDep) -> JSONResponse:
+    """Readiness: the model is loaded and the registry answers, or answered within the grace period (the base
+    model and cached adapters keep serving through a brief Redis outage); 503 otherwise. Needs no token."""
     model_ok = bool(engine is not None and engine.ready())
     registry_ok = registry is not None and await asyncio.to_thread(_registry_ok, registry)
-    ok = model_ok and registry_ok
+    now = time.monotonic()
+    state = request.app.state
+    if registry_ok or not hasattr(state, "registry_seen"):
+        state.registry_seen = now  # the grace counts from the last answer (or the first check)
+    within_grace = registry_ok or now - state.registry_seen < settings.ready_registry_grace_s
+    ok = model_ok and within_grace
     body = {"status": "ready" if ok else "not_ready", "model": model_ok, "registry": registry_ok}
     return JSONResponse(body, status_code=200 if ok else 503)
 
