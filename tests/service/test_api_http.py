@@ -217,6 +217,22 @@ def test_generate_routes_adapter_sets_and_404s(client, tiny):
     assert 'shira_requests_total{adapter="unresolved",status="404"}' in metrics
 
 
+def test_combination_is_peft_s_word_and_merge_still_works(client, tiny):
+    for name, seed in (("a", 0), ("b", 1)):
+        assert upload(client, name, adapter_to_bytes(tiny_adapter(tiny, name, seed=seed))).status_code == 201
+    pair = {"adapters": "a:0.6,b:0.4"}
+    ways = [({"combination": "ties"}, {}), ({"merge": "ties"}, {}), ({}, {"combination": "ties"}),
+            ({}, {"merge": "ties"}), ({"combination": "ties"}, {"merge": "ties"})]
+    answers = [client.post("/generate", params={**pair, **query}, json={"prompt": "hi", **body}).json()
+               for query, body in ways]
+    assert {a["text"] for a in answers} == {"a@1:0.6+b@1:0.4[ties]|2"}
+    assert all(a["combination"] == a["merge"] == "ties" for a in answers)
+    assert_error(client.post("/generate", params={**pair, "combination": "ties", "merge": "linear"},
+                             json={"prompt": "hi"}), 400, "invalid_request", "twice")
+    assert_error(client.post("/generate", params={**pair, "combination": "dare"}, json={"prompt": "hi"}), 422,
+                 "validation_error", "combination")
+
+
 def sse_events(text: str) -> list:
     out = []
     for block in text.strip().split("\n\n"):
