@@ -33,8 +33,8 @@ from .errors import (
     InvalidAdapterError,
     InvalidRequestError,
     MalformedUploadError,
-    RegistryUnavailableError,
 )
+from .known_records import KnownRecords
 from .scheduler import Scheduler
 from .startup import StartupPhases
 from .torch_thread import available_cpus, run_torch
@@ -69,8 +69,7 @@ class Engine:
         self._worker: Worker | None = None
         self._stop = threading.Event()
         self._listener = None
-        self._latest: dict[str, Any] = {}  # name -> newest record seen, for resolving while Redis is down
-        self._known: dict[tuple[str, int], Any] = {}  # (name, version) -> record
+        self.records: KnownRecords | None = None  # made with the cache, at start
 
     # -- lifecycle -----------------------------------------------------------------------------------
 
@@ -100,13 +99,14 @@ class Engine:
             phases.done("fingerprint")
             self.switcher = Switcher(self.model)
             self.cache = AdapterCache(self.registry, self.fingerprint, self.settings.cache_bytes)
+            self.records = KnownRecords(self.registry, self.cache.has_adapter, self.cache.drop_names)
             phases.done("switcher")
         self._stop.clear()
         generator = BatchGenerator(self.model, self.tokenizer)
         self._worker = Worker(self.scheduler, self.switcher, self.cache, generator, self.settings, self._stop)
         phases.done("worker")
         self._worker.start()
-        self._listener = self.registry.listen(self._on_event, self._stop)
+        self._listener = self.registry.listen(self.records.on_event, self._stop)
         phases.done("listener")
         phases.log("engine")
 
@@ -123,37 +123,6 @@ class Engine:
 
     def ready(self) -> bool:
         return self._worker is not None and self._worker.is_alive()
-
-    def _on_event(self, event: dict) -> None:
-        name = event.get("name", "")
-        if event.get("op") == "resync":
-            self._resync()
-        elif event.get("op") in ("delete", "put") and name:
-            # A put makes a new latest version; a delete (or a delete then re-upload) invalidates all.
-            self._latest.pop(name, None)
-            if event["op"] == "delete":
-                self._forget(name)
-
-    def _forget(self, name: str) -> None:
-        self._known = {k: v for k, v in self._known.items() if k[0] != name}
-        if self.cache is not None:
-            self.cache.drop_names([name])
-
-    def _resync(self) -> None:
-        # Events were missed while the subscription was down. Keep only records Redis still holds unchanged,
-        # so a later outage never serves from memory an adapter deleted or replaced in between.
-        for name in set(self._latest) | {n for n, _ in self._known}:
-            latest = self.registry.stamp(name)
-            if latest is None:
-                self._latest.pop(name, None)
-                self._forget(name)
-                continue
-            record = self._latest.get(name)
-            if record is not None and record.stamp != latest:
-                self._latest.pop(name, None)
-            for key, record in [(k, r) for k, r in self._known.items() if k[0] == name]:
-                if self.registry.stamp(name, key[1]) != record.stamp:
-                    self._known.pop(key, None)
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -196,22 +165,8 @@ class Engine:
         if adapters.is_base:
             return resolved_set(adapters, [])
         # One thread for all the set's reads: each wake-up of a thread preempts a decoding torch thread.
-        records = await asyncio.to_thread(lambda: [self._record(r.name, r.version) for r in adapters.refs])
+        records = await asyncio.to_thread(lambda: [self.records.record(r.name, r.version) for r in adapters.refs])
         return resolved_set(adapters, records)
-
-    def _record(self, name: str, version: int | None) -> Any:
-        try:
-            record = self.registry.record(name, version)
-        except RegistryUnavailableError:
-            # Redis is down: adapters already known (and cached) keep working; anything else cannot.
-            known = self._latest.get(name) if version is None else self._known.get((name, version))
-            if known is None or self.cache is None or not self.cache.has_adapter(known):
-                raise
-            return known
-        self._known[(name, record.version)] = record
-        if version is None:
-            self._latest[name] = record
-        return record
 
     def _check_request(self, request: GenerationRequest) -> None:
         """The request's limits (service.validation, the same rules the HTTP layer applies) and what only this
