@@ -40,7 +40,10 @@ def real(data_dir):
         adapter = random_adapter(model, f"m{i}", i + 1, density=0.01, std=0.02, mask_seed_step=1000, fingerprint=True)
         upload(registry, adapter, engine.fingerprint)
     prompts = {"capital": engine.encode(prompt="The capital of France is"),
-               "colours": engine.encode(messages=[{"role": "user", "content": "Name three colours."}])}
+               "colours": engine.encode(messages=[{"role": "user", "content": "Name three colours."}]),
+               # runs past 32 tokens with or without an adapter: a batch that is still decoding when others join
+               "story": engine.encode(messages=[{"role": "user", "content": "Write a long story about a lighthouse "
+                                                 "keeper who finds a message in a bottle."}])}
     yield engine, registry, prompts
     engine.stop()
     for key in client.scan_iter(match=f"{registry.namespace}:*"):
@@ -87,16 +90,19 @@ def test_extreme_sampling_settings_do_not_fail_their_batchmates(real):
 
 @contextlib.contextmanager
 def failing(monkeypatch, phase: str, key: tuple, after_tokens: int = 0):
-    """Makes MixedBatches' prefill or decode pass raise whenever it holds a row of set `key`."""
+    """Makes MixedBatches' prefill or decode pass raise whenever it holds a row of set `key`. Yields the list of
+    the passes it saw: (the rows' set keys, the keys of the rows already running, for prefills)."""
     original = getattr(MixedBatches, phase)
+    seen: list[tuple[list, list]] = []
 
     def patched(self, rows, *args):
+        seen.append(([r.set_key for r in rows], [r.set_key for r in (args[0] if args else ())]))
         if any(r.set_key == key and len(r.tokens) >= after_tokens for r in rows):
             raise RuntimeError(f"injected {phase} failure")
         return original(self, rows, *args)
 
     monkeypatch.setattr(MixedBatches, phase, patched)
-    yield
+    yield seen
     monkeypatch.setattr(MixedBatches, phase, original)
 
 
@@ -118,10 +124,10 @@ def test_a_row_that_fails_mid_batch_fails_alone(real, monkeypatch):
 
 def test_a_joiner_that_fails_leaves_the_running_batch_alone(real, monkeypatch):
     engine, _, prompts = real
-    running = [request(prompts["capital"], "m0", n=32), request(prompts["colours"], n=32)]
+    running = [request(prompts["story"], "m0", n=32), request(prompts["story"], n=32)]
     joiners = [request(prompts["capital"], "m1", n=N), request(prompts["colours"], "m2", n=N)]
     expected = alone(engine, running + joiners)
-    batches = engine.status()["batches"]
+    m2 = key_of(engine, "m2")
 
     async def streamed(r: GenerationRequest, decoding: asyncio.Event):
         async for item in engine.stream(r):
@@ -137,9 +143,11 @@ def test_a_joiner_that_fails_leaves_the_running_batch_alone(real, monkeypatch):
         late = [asyncio.ensure_future(engine.generate(r)) for r in joiners]
         return await asyncio.wait_for(asyncio.gather(*first, *late, return_exceptions=True), WAIT_S)
 
-    with failing(monkeypatch, "prefill", key_of(engine, "m1")):
+    with failing(monkeypatch, "prefill", key_of(engine, "m1")) as passes:
         results = asyncio.run(run())
-    assert engine.status()["batches"] - batches == 1  # the joiners really joined the running batch
+    # m2 was prefilled beside rows that were already decoding: it joined the running batch.
+    assert any(m2 in rows and running_keys for rows, running_keys in passes), passes
+    assert [r.completion_tokens for r in results[:2]] == [32, 32]  # the running rows decoded throughout
     assert isinstance(results[2], GenerationFailedError)
     assert [results[i].text for i in (0, 1, 3)] == [expected[i] for i in (0, 1, 3)]
 
