@@ -207,7 +207,9 @@ def test_a_batch_that_raises_answers_every_request_and_the_worker_goes_on(real, 
     monkeypatch.setattr(worker, "_serve_mixed", broken)
     reqs = [request(prompts["capital"], "m0", n=4), request(prompts["capital"], "m1", n=4)]
     results = together(engine, reqs)
-    assert all(isinstance(r, GenerationFailedError) for r in results[: calls[0]])
+    failed = [r for r in results if isinstance(r, GenerationFailedError)]
+    assert len(failed) == calls[0] >= 1  # every request of the broken batch got its error, the others their text
+    assert all(not isinstance(r, BaseException) for r in results if r not in failed)
     assert engine.ready()
     assert alone(engine, reqs[:1])[0]
 
