@@ -5,6 +5,13 @@ and queues the request; the worker takes one group at a time from the scheduler,
 that group's set (a cached ScatterPlan, so a switch is one scatter), and decodes the whole group as a batch.
 Switching and forward passes run on the same thread, one after the other, so no forward pass ever sees a
 half-applied set.
+
+Dependencies point down, and nothing below calls back up:
+
+    service/api (HTTP)  ->  engine  ->  engine_worker  ->  mixed_batches, batch_generation  ->  merged_set
+                               |              |                       |                          |
+                          validation,    scheduler,           shira_core.batched        shira_core.switcher
+                          known_records  adapter_cache
 """
 
 from __future__ import annotations
