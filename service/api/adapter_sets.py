@@ -23,7 +23,7 @@ from .. import validation
 from ..config import Settings
 from ..errors import InvalidRequestError
 from ..protocol import AdapterWeight
-from ..types import COMBINATIONS, AdapterRef, AdapterSet
+from ..types import AdapterRef, AdapterSet
 from ..validation import BASE_MODEL_ID, check_ref
 
 _COMBINATION_SUFFIX = re.compile(r"(?P<set>.*)\[(?P<combination>[a-z]+)\]", re.DOTALL)
@@ -54,16 +54,9 @@ def _empty_set(where: tuple[str, ...], given: str) -> RequestValidationError:
     }])
 
 
-def parse_combination(combination: str | None) -> str:
-    combination = combination or "linear"
-    if combination not in COMBINATIONS:
-        raise InvalidRequestError(f"combination must be one of {', '.join(COMBINATIONS)}, not {combination[:40]!r}")
-    return combination
-
-
 def build_set(refs: Sequence[AdapterRef], combination: str | None, settings: Settings) -> AdapterSet:
     """The set, checked by service.validation.check_set (the engine's rules); an empty list is the base model."""
-    return validation.check_set(AdapterSet(refs=tuple(refs), combination=parse_combination(combination)),
+    return validation.check_set(AdapterSet(refs=tuple(refs), combination=combination or "linear"),
                                 settings.max_adapters_per_request)
 
 
