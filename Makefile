@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 REDIS_URL_TEST ?= redis://127.0.0.1:6379/15
 
-.PHONY: run test lint install model redis-test clean bench
+.PHONY: run test lint install model redis-test nginx-test clean bench
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,7 +37,11 @@ run: install
 redis-test: $(STAMP)
 	@$(BIN)/python scripts/ensure_redis.py
 
-test: install redis-test
+# Installs Debian's nginx and its njs module when missing, for the gateway test (tests/integration/test_local_cluster.py).
+nginx-test:
+	@$(PY) scripts/ensure_nginx.py
+
+test: install redis-test nginx-test
 	PATH="$(abspath $(BIN)):$$PATH" SHIRA_TEST_REDIS_URL=$(REDIS_URL_TEST) $(BIN)/pytest -q -p no:cacheprovider
 
 lint: install
@@ -48,3 +52,14 @@ bench: install
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Deploy: not part of make test
+.PHONY: docker-smoke deploy-check
+# Kubernetes (as `kubectl apply -k deploy/` renders it), compose and the Dockerfile against their schemas and hadolint.
+deploy-check: install
+	$(BIN)/pip install -q -e ".[deploy]"
+	$(BIN)/python deploy/check.py
+
+# Builds shira:0.1.0 and checks one replica end to end (deploy/docker-smoke.sh; needs docker and debootstrap).
+docker-smoke: install
+	deploy/docker-smoke.sh

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -166,6 +167,9 @@ def run(host: str | None = None, port: int | None = None) -> None:
         print(f"SHIRA_ADMIN_TOKEN is unset; this run's admin token is: {token}", flush=True)
     host = host or settings.host
     port = port or settings.port
+    from .metrics import REPLICA
+
+    REPLICA.info({"replica": f"{socket.gethostname()}:{port}"})  # a container's host name is its id
     log.info("base model: %s (device %s, dtype %s)", settings.base_model, settings.device, settings.dtype)
     where = _redact(settings.redis_url) if settings.redis_url else f"embedded under {settings.data_dir}"
     log.info("registry: %s", where)

@@ -61,3 +61,6 @@ CORRECTION_PLAN_BUILD_SECONDS = Histogram(
 )
 QUEUE_DEPTH = Gauge("shira_queue_depth", "Requests waiting for a batch.")
 ACTIVE_ADAPTER = Info("shira_active_adapter", "The adapter set currently applied to the base weights.")
+REPLICA = Info(
+    "shira_replica", "This replica's host name and port (set by `shira serve`): tells replicas behind a gateway apart."
+)

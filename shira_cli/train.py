@@ -56,7 +56,7 @@ def run_train(
         raise TrainingDataError(f"--out must name a .safetensors file, got {out}")
     log = (lambda line: print(line, file=sys.stderr)) if as_json else print
     t0 = time.perf_counter()
-    model, tokenizer, source = load_base(base, device=device, dtype=dtype)
+    model, tokenizer, source = load_base(base, device=device, dtype=dtype, cache_dir=_converted_models_dir())
     load_s = time.perf_counter() - t0
     log(f"base {source.label} on {next(model.parameters()).device} ({load_s:.1f} s); "
         f"{len(train)} train, {len(held or [])} eval examples; {config.method} training, {config.mask} mask "
@@ -118,3 +118,16 @@ def write_demo_data(task: str, out: Path, seed: int = 0, n_train: int | None = N
 def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
+
+
+def _converted_models_dir() -> Path | None:
+    """The server's converted-model cache (SHIRA_DATA_DIR, SHIRA_MODEL_CACHE*), so a GGUF base converts once for
+    both `train` and `serve`; None when those settings are invalid or the cache is off."""
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    try:
+        return Settings(admin_token=None).converted_models_dir()
+    except ValidationError:
+        return None
