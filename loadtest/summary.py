@@ -2,7 +2,7 @@
 replica's /metrics before and after the run.
 
     python loadtest/summary.py scrape URL [URL ...] > before.json
-    python loadtest/summary.py report OUT_DIR --seconds S URL [URL ...] > OUT_DIR/summary.md
+    python loadtest/summary.py report OUT_DIR --seconds S URL [URL ...] > OUT_DIR/summary.md   (and totals.json)
 """
 
 from __future__ import annotations
@@ -40,17 +40,27 @@ def scrape(url: str) -> dict[str, float]:
 def report(out_dir: Path, seconds: float, urls: list[str]) -> str:
     before = json.loads((out_dir / "before.json").read_text())
     after = {url: scrape(url) for url in urls}
+    totals: dict = {}
     lines = ["| route | requests | failures | RPS | p50 ms | p95 ms | p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
     with (out_dir / "locust_stats.csv").open() as f:
         for row in csv.DictReader(f):
             lines.append(f"| {row['Type']} {row['Name']} | {row['Request Count']} | {row['Failure Count']} | "
                          f"{float(row['Requests/s']):.2f} | {row['50%']} | {row['95%']} | {row['99%']} |")
+            if row["Name"] == "Aggregated":
+                totals = {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                          "p50_ms": float(row["50%"]), "p99_ms": float(row["99%"])}
     lines += ["", "| replica | switches/s | cache hit rate | tokens/s |", "|---|---:|---:|---:|"]
-    for url in urls:
-        d = {k: after[url][k] - before.get(url, {}).get(k, 0.0) for k in COUNTERS}
+    deltas = {url: {k: after[url][k] - before.get(url, {}).get(k, 0.0) for k in COUNTERS} for url in urls}
+    deltas["all replicas"] = {k: sum(d[k] for d in deltas.values()) for k in COUNTERS}
+    for url, d in deltas.items():
         lookups = d["cache_hits"] + d["cache_misses"]
         hit_rate = f"{d['cache_hits'] / lookups:.3f}" if lookups else "-"
         lines.append(f"| {url} | {d['switches'] / seconds:.2f} | {hit_rate} | {d['tokens'] / seconds:.1f} |")
+    d = deltas["all replicas"]
+    lookups = d["cache_hits"] + d["cache_misses"]
+    totals.update(switches_s=d["switches"] / seconds, tokens_s=d["tokens"] / seconds,
+                  cache_hit_rate=d["cache_hits"] / lookups if lookups else None)
+    (out_dir / "totals.json").write_text(json.dumps(totals))  # for scripts that compare runs
     failures = out_dir / "locust_failures.csv"
     if failures.exists():
         with failures.open() as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
 from pathlib import Path
 from types import ModuleType
@@ -34,11 +35,33 @@ def load() -> ModuleType | None:
     try:
         from torch.utils import cpp_extension
 
-        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        return cpp_extension.load(name=f"shira_row_corrections_{digest}", sources=[str(SOURCE)],
-                                  extra_cflags=["-O3", "-fopenmp"], verbose=False)
+        name = f"shira_row_corrections_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]}"
+        return _prebuilt(name) or cpp_extension.load(name=name, sources=[str(SOURCE)],
+                                                     extra_cflags=["-O3", "-fopenmp"], verbose=False)
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean the PyTorch path
         log.warning("row-correction kernel unavailable, using PyTorch's sparse products: %s", e)
+        return None
+
+
+def _prebuilt(name: str) -> ModuleType | None:
+    """The module an earlier build left in the cache, imported directly. cpp_extension.load checks for a compiler and
+    reruns ninja in every new process, so an image without a compiler could not use the kernel its build stage made.
+    The name carries the source's hash; a module built against another torch fails to import and is rebuilt."""
+    from torch.utils import cpp_extension
+
+    try:
+        path = Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+    except (AttributeError, TypeError, OSError):  # a torch without it, or a build folder we cannot create
+        return None
+    if not path.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    except ImportError as e:
+        log.info("prebuilt row-correction kernel %s does not load (%s); rebuilding", path, e)
         return None
 
 
