@@ -47,7 +47,7 @@ RUN python -c "from shira_core.batched.kernel import main; main()" \
 # so the runtime needs neither the GGUF (~100 MB) nor a conversion: the same weights, so adapters made for the
 # bundled model pass the fingerprint check. Also depends on shira_core alone.
 RUN python -c "from shira_core.models import load_base; load_base(None, 'cpu', 'float32', '/tmp/models')" \
-    && mv /tmp/models/*/ /opt/model && rm -rf /tmp/models
+    && mv /tmp/models/*/ /opt/model && rm -rf /tmp/models && chmod -R a+rX /opt/model
 ARG WHEELS_URL=""
 COPY pyproject.toml README.md ./
 COPY service service

@@ -28,7 +28,7 @@ for round in $(seq "$rounds"); do
         GATEWAY_POLICY=$policy "$repo/deploy/local-cluster.sh" up >&2
         gateway=http://127.0.0.1:$port
         [[ -n $adapters ]] || adapters=$("$py" "$here/setup.py" "$gateway" --count 8 --token "$SHIRA_ADMIN_TOKEN")
-        SHIRA_ADAPTERS=$adapters SHIRA_REPLICAS=${urls%,} \
+        SHIRA_ADAPTERS=$adapters METRICS_URLS=${urls%,} \
             "$here/run.sh" "$gateway" "$users" "$seconds" "$out/$policy-$round" >&2
     done
 done
