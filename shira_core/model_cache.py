@@ -68,6 +68,10 @@ def write_copy(copy: Path, model: Any, tokenizer: Any, key: dict[str, Any]) -> b
         _save_model(model, tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / MARKER).write_text(json.dumps(key, indent=2))
+        # mkdtemp's 0700 and safetensors' 0600 would hide the copy from a server run as another user (an image's).
+        for path in tmp.iterdir():
+            path.chmod(0o644)
+        tmp.chmod(0o755)
         os.replace(tmp, copy)  # a directory rename: atomic, and it fails if another process got there first
         return True
     except OSError as e:

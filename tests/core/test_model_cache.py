@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import torch
 
@@ -61,3 +62,16 @@ def test_an_unwritable_cache_only_costs_the_conversion(tmp_path, tiny_llama, cap
 
     assert not model_cache.write_copy(blocked / "copy", model, Tok(), {})
     assert "not writable" in caplog.text
+
+
+def test_a_written_copy_is_readable_by_other_users(tmp_path, tiny_llama):
+    """A copy made by `make install` or an image build (root) is loaded by a server running as another user."""
+
+    class Tok:
+        def save_pretrained(self, directory):
+            (Path(directory) / "tokenizer.json").write_text("{}")
+
+    copy = tmp_path / "copy"
+    assert model_cache.write_copy(copy, tiny_llama(), Tok(), {"k": 1})
+    assert copy.stat().st_mode & 0o755 == 0o755
+    assert all(p.stat().st_mode & 0o444 == 0o444 for p in copy.iterdir())
