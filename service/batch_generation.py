@@ -266,7 +266,7 @@ class BatchGenerator:
             row.finish_reason = "cancelled"
             return
         row.tokens.append(token)
-        if token in self.eos_ids:
+        if token in self.eos_ids and not row.params.ignore_eos:
             row.finish_reason = "stop"
         elif len(row.tokens) >= row.params.max_new_tokens:
             row.finish_reason = "length"

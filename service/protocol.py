@@ -44,6 +44,10 @@ def _check_stop(value: str | list[str] | None) -> str | list[str] | None:
     return value
 
 
+IGNORE_EOS = ("Keep decoding past the end-of-sequence token until the token limit (vLLM's name), so that load tests "
+              "measure a fixed number of tokens.")
+
+
 def _stop_field() -> Any:
     return Field(None, description=f"Stop strings (at most {MAX_STOP_STRINGS}, none empty); the text ends before "
                  "them.", json_schema_extra=_STOP_SCHEMA)
@@ -158,6 +162,7 @@ class GenerateBody(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = _stop_field()
+    ignore_eos: bool = Field(False, description=IGNORE_EOS)
     stream: bool = Field(False, description="Stream server-sent events: one per text delta, then the result.")
     adapters: list[AdapterWeight] | None = Field(
         None, description="Weighted set; or use ?adapter= / ?adapters=. Empty or left out: the base model."
@@ -238,6 +243,7 @@ class _OpenAISampling(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = _stop_field()
+    ignore_eos: bool = Field(False, description=IGNORE_EOS)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=1, description="Only n=1 is supported.")

@@ -49,6 +49,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # vLLM's name: decode to max_new_tokens, as load tests need
 
 
 @dataclass

@@ -54,13 +54,14 @@ class GenerationHandler:
         return adapter_sets.model_set(model, self.engine.model_label, self.settings)
 
     def sampling(self, max_new_tokens: int | None, temperature: float, top_p: float, seed: int | None,
-                 stop: str | list[str] | None, field: str = "max_new_tokens") -> SamplingParams:
+                 stop: str | list[str] | None, field: str = "max_new_tokens",
+                 ignore_eos: bool = False) -> SamplingParams:
         """Checked by service.validation.check_sampling (the engine's rules); over the token limit is a 422 that
         names the client's own field."""
         if max_new_tokens is None:  # a default above the limit is the operator's slip, not the client's
             max_new_tokens = min(self.settings.default_max_new_tokens, self.settings.max_new_tokens)
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        params = SamplingParams(max_new_tokens, temperature, top_p, seed, stops)
+        params = SamplingParams(max_new_tokens, temperature, top_p, seed, stops, ignore_eos)
         return validation.check_sampling(params, self.settings.max_new_tokens, field)
 
     def encode(self, prompt: str | None = None, messages: list[ChatMessage] | None = None) -> list[int]:

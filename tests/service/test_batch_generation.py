@@ -110,6 +110,16 @@ def test_eos_ends_a_row(model, tokenizer):
     assert row.tokens == free[:cut] and row.finish_reason == "stop"
 
 
+def test_ignore_eos_decodes_to_the_token_limit(model, tokenizer):
+    prompt = ids(tokenizer, PROMPTS[1])
+    free = reference_greedy(model, prompt, 8, -1)
+    gen = BatchGenerator(model, tokenizer, eos_ids={free[3]})
+    stops, runs_on = Row(prompt, greedy(n=8)), Row(prompt, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    gen.run([stops, runs_on])
+    assert stops.finish_reason == "stop" and len(stops.tokens) < 8
+    assert runs_on.tokens == free and runs_on.finish_reason == "length"
+
+
 def test_stop_string_is_cut_and_streaming_deltas_add_up(gen, tokenizer):
     prompt = ids(tokenizer, PROMPTS[1])
     plain = Row(prompt, greedy(n=16))

@@ -69,7 +69,8 @@ async def generate(
     chosen = one_combination(combination=combination, merge=merge, body_combination=body.combination,
                              body_merge=body.merge)
     adapter_set = handler.native_set(adapter, adapters, body.adapters, chosen)
-    params = handler.sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed, body.stop)
+    params = handler.sampling(body.max_new_tokens, body.temperature, body.top_p, body.seed, body.stop,
+                              ignore_eos=body.ignore_eos)
     prompt_ids = handler.encode(prompt=body.prompt, messages=body.messages)
 
     def body_of(result: GenerationResult) -> dict[str, Any]:

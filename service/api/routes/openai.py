@@ -67,7 +67,8 @@ async def list_models(_: ReaderDep, registry: RegistryDep, request: Request) -> 
 def _sampling(handler: GenerationHandler, body: Any, max_tokens: int | None, field: str) -> Any:
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
-    return handler.sampling(max_tokens, temperature, top_p, body.seed, body.stop, field=field)
+    return handler.sampling(max_tokens, temperature, top_p, body.seed, body.stop, field=field,
+                            ignore_eos=body.ignore_eos)
 
 
 def _include_usage(body: Any) -> bool:
