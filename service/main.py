@@ -22,7 +22,7 @@ from .api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from .api.routes import adapters, generate, health, openai
 from .api.serving import GenerationHandler
 from .config import Settings
-from .startup import StartupPhases
+from .startup import StartupPhases, pause_gc, resume_gc
 from .torch_thread import run_torch
 
 log = logging.getLogger("shira.service")
@@ -95,6 +95,7 @@ def create_app(settings: Settings | None = None, engine: Any = None, registry: A
         try:
             await run_torch(eng.start)  # the model loads on a thread that exits: see service.torch_thread
             phases.done("engine_start")
+            resume_gc()
             phases.log("app")
             log.info("model: %s on %s, %s CPU threads", getattr(eng, "model_label", "?"), getattr(eng, "device", "?"),
                      getattr(eng, "threads", "?"))
@@ -155,6 +156,7 @@ def run(host: str | None = None, port: int | None = None) -> None:
         host: bind address; default SHIRA_HOST.
         port: port; default SHIRA_PORT.
     """
+    pause_gc()  # until the lifespan has started the engine
     import uvicorn
 
     if not logging.getLogger().handlers:

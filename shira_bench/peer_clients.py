@@ -52,6 +52,12 @@ WORKLOADS = (Workload("base", 8, 0), Workload("single", 8, 1), Workload("mixed",
              Workload("one", 1, 1))
 
 
+def _client(target: Target) -> httpx.Client:
+    """One connection per request, for both servers: llama-server drops a kept-alive connection after a streamed
+    answer without saying so, and the next request on it fails."""
+    return httpx.Client(base_url=target.url, timeout=600, headers={"Connection": "close"})
+
+
 def stream_one(http: httpx.Client, body: dict) -> dict:
     """Sends one streamed chat completion; returns its completion and prompt tokens (from the usage event, else
     one per content event) and llama.cpp's prompt-cache count when it reports one."""
@@ -82,7 +88,7 @@ def request_body(target: Target, adapter: int | None, max_tokens: int, prompt: s
 def warm_up(target: Target, adapters: int, max_tokens: int) -> None:
     """One request on the base model and on each adapter, then one round of 8 clients on each 8-client shape, so
     that the first round meets the steady state (adapters loaded, buffers grown) rather than cold caches."""
-    with httpx.Client(base_url=target.url, timeout=600) as http:
+    with _client(target) as http:
         for k in [None, *range(adapters)]:
             stream_one(http, request_body(target, k, 8, PROMPTS[0]))
     for work in WORKLOADS[:3]:
@@ -102,7 +108,7 @@ def run_workload(target: Target, work: Workload, seconds: float, max_tokens: int
 
     def client(cid: int) -> None:
         rng = random.Random(seed * 1000 + cid)
-        with httpx.Client(base_url=target.url, timeout=600) as http:
+        with _client(target) as http:
             i = 0
             while (time.perf_counter() < deadline and not errors
                    and (requests_per_client is None or i < requests_per_client)):
