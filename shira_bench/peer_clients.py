@@ -80,9 +80,11 @@ def stream_one(http: httpx.Client, body: dict) -> dict:
 
 
 def request_body(target: Target, adapter: int | None, max_tokens: int, prompt: str) -> dict:
-    """A streamed greedy chat request for `target`, on adapter id `adapter` (None: the base model)."""
-    return {**target.fields(adapter), "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": prompt}]}
+    """A streamed greedy chat request for `target`, on adapter id `adapter` (None: the base model). Both servers
+    take `ignore_eos`, so every request decodes exactly `max_tokens` even where a prompt would end sooner."""
+    return {**target.fields(adapter), "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": prompt}]}
 
 
 def warm_up(target: Target, adapters: int, max_tokens: int) -> None:

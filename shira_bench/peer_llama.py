@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-INSTALL_HINT = ("install the peer extra, which compiles llama.cpp (about 20 minutes on 2 cores): "
+INSTALL_HINT = ("install the peer extra, which compiles llama.cpp (about 15 minutes on 2 cores; docs/benchmarks.md): "
                 "CMAKE_BUILD_PARALLEL_LEVEL=2 LLAMA_CPP_BUILD_JOBS=2 pip install -e '.[peer]'; "
                 "or pass --llama-server PATH")
 

@@ -10,9 +10,9 @@ the total is the interpreter, the imports and the HTTP server starting.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
-import os
 import statistics
 import subprocess
 import sys

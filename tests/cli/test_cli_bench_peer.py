@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from shira_bench import peer
-from shira_bench.peer_clients import WORKLOADS, Target, stream_one
+from shira_bench.peer_clients import WORKLOADS, Target, request_body, stream_one
 from shira_bench.peer_gguf import BaseLayout, permute_rope_rows, random_peft_lora, write_lora_gguf
 from shira_bench.peer_llama import LlamaServerNotFoundError, find_llama_server, load_into_ram_flags, lora_field
 from shira_cli.main import app
@@ -98,6 +98,8 @@ def test_every_llama_request_lists_every_adapter_and_the_base_sends_all_at_scale
     target = peer._llama_target("http://x", 8)
     assert target.fields(None)["cache_prompt"] is False and len(target.fields(2)["lora"]) == 8
     assert peer._shira_target("http://x", ["a", "b"]).fields(1) == {"model": "b"}
+    body = request_body(target, 3, 32, "hi")
+    assert body["ignore_eos"] is True and body["temperature"] == 0.0 and body["stream"] is True
 
 
 def test_the_ram_loading_flag_is_read_from_the_binarys_help(tmp_path):
