@@ -31,7 +31,7 @@ ADAPTERS = [a for a in os.environ.get("SHIRA_ADAPTERS", "").split(",") if a]
 WEIGHTS = [1.0 / (k + 1) for k in range(len(ADAPTERS))]
 MAX_NEW_TOKENS = int(os.environ.get("SHIRA_MAX_NEW_TOKENS", "32"))
 # Each runs to 48 tokens and more on SmolLM2-135M-Instruct, with or without a 1% adapter (greedy).
-PROMPTS = [
+PROMPTS = [  # shira_bench/peer_clients.py sends the same (a test keeps them equal); this file imports no project code
     "Write a long story about a lighthouse keeper who finds a message in a bottle.",
     "Describe, step by step and at length, how bread is made at home.",
     "Write a detailed travel guide to a city you imagine.",

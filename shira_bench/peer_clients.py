@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import httpx
 
+from .server import closed_loop
+
 # loadtest/locustfile.py's prompts: each runs past 48 tokens on SmolLM2-135M-Instruct (greedy), with or without an
 # adapter, so requests run to max_tokens rather than to an early end of sequence.
 PROMPTS = [
@@ -130,13 +132,7 @@ def run_workload(target: Target, work: Workload, seconds: float, max_tokens: int
                     results.append(got)
                 i += 1
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(work.clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = closed_loop(work.clients, client)
     if errors:
         raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
     hits = sum(1 for r in results if r["cached"])

@@ -15,10 +15,11 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
+
+from .server import wait_until_up
 
 INSTALL_HINT = ("install the peer extra, which compiles llama.cpp (about 15 minutes on 2 cores; docs/benchmarks.md): "
                 "CMAKE_BUILD_PARALLEL_LEVEL=2 LLAMA_CPP_BUILD_JOBS=2 pip install -e '.[peer]'; "
@@ -103,19 +104,7 @@ def start_llama_server(server: Path, model: Path, loras: list[Path], port: int, 
         cmd += ["--lora", ",".join(str(p) for p in loras), "--lora-init-without-apply"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"llama-server exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("llama-server did not answer /health within 300 s")
+    wait_until_up(proc, f"{url}/health", "llama-server", interval_s=0.5)
     loaded = httpx.get(f"{url}/lora-adapters", timeout=10).json()
     if len(loaded) != len(loras):
         proc.kill()

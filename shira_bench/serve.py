@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import httpx
 
 from .phases import phases, scrape
-from .server import free_port, start_server, upload_random_adapters
+from .server import closed_loop, free_port, start_server, upload_random_adapters
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -76,13 +76,7 @@ def run_workload(url: str, work: Workload, requests_per_client: int, max_new_tok
                     latencies.append(elapsed)
                     tokens[0] += resp.json()["completion_tokens"]
 
-    threads = [threading.Thread(target=client, args=(c,)) for c in range(work.clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    wall = closed_loop(work.clients, client)
     if errors:
         raise RuntimeError(f"{work.name}: {len(errors)} failed requests, first: {errors[0]}")
     lat = sorted(latencies)

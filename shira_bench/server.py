@@ -7,8 +7,9 @@ import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 
@@ -27,20 +28,39 @@ def start_server(port: int, token: str, redis_url: str | None, env: Mapping[str,
         env["SHIRA_REDIS_URL"] = redis_url
     proc = subprocess.Popen(
         [sys.executable, "-m", "shira_cli.main", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
-    deadline = time.time() + 300
+    wait_until_up(proc, f"http://127.0.0.1:{port}/ready", "server", interval_s=1.0)
+    return proc
+
+
+def wait_until_up(proc: subprocess.Popen, url: str, what: str, interval_s: float, timeout_s: float = 300.0) -> None:
+    """Polls `url` until it answers 200. Raises with the end of `proc`'s stderr (a text pipe) if it exits, and kills
+    it after `timeout_s`."""
+    deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stderr.read().decode()[-2000:]}")
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {proc.stderr.read()[-2000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
+        time.sleep(interval_s)
     proc.kill()
-    raise RuntimeError("server did not become ready within 300 s")
+    raise RuntimeError(f"{what} did not answer {url} within {timeout_s:.0f} s")
+
+
+def closed_loop(clients: int, client: Callable[[int], None]) -> float:
+    """Runs `client(0..clients-1)` on one thread each, closed loop (each sends its next request when the last one
+    returns); the wall seconds until all have finished."""
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - start
 
 
 def upload_random_adapters(url: str, token: str, count: int, density: float, model: str | None = None) -> list[str]:

@@ -180,3 +180,15 @@ def test_the_json_has_every_server_and_workload_and_the_rounds_interleave(monkey
     assert "shira/llama" in peer.report(result)
     with pytest.raises(ValueError, match="--dtype fp16"):
         peer.run(dtype="fp16")
+
+
+def test_the_peer_benchmark_sends_the_load_tests_prompts():
+    """loadtest/locustfile.py keeps its own copy (it runs where only Locust is installed); the two must not drift."""
+    import ast
+    from pathlib import Path
+
+    from shira_bench.peer_clients import PROMPTS
+
+    tree = ast.parse((Path(__file__).resolve().parents[2] / "loadtest" / "locustfile.py").read_text())
+    assigned = [n.value for n in tree.body if isinstance(n, ast.Assign) and ast.unparse(n.targets[0]) == "PROMPTS"]
+    assert [ast.literal_eval(v) for v in assigned] == [PROMPTS]
