@@ -195,16 +195,22 @@ def test_sets_that_cannot_be_served_get_a_422_and_others_go_on(real, monkeypatch
 def test_a_batch_that_raises_answers_every_request_and_the_worker_goes_on(real, monkeypatch):
     engine, _, prompts = real
     worker = engine._worker
-    original = worker._serve_mixed
     calls = []
 
-    def broken(pendings):
-        calls.append(len(pendings))
-        if len(calls) == 1:
-            raise RuntimeError("injected batch failure")
-        return original(pendings)
+    def breaking(original):
+        # Whichever path takes the batch (mixed rows, or one set: the sets an earlier test left in the engine
+        # decide), its first batch raises.
+        def broken(*args):
+            pendings = args[-1]
+            calls.append(len(pendings))
+            if len(calls) == 1:
+                raise RuntimeError("injected batch failure")
+            return original(*args)
 
-    monkeypatch.setattr(worker, "_serve_mixed", broken)
+        return broken
+
+    monkeypatch.setattr(worker, "_serve_mixed", breaking(worker._serve_mixed))
+    monkeypatch.setattr(worker, "_serve", breaking(worker._serve))
     reqs = [request(prompts["capital"], "m0", n=4), request(prompts["capital"], "m1", n=4)]
     results = together(engine, reqs)
     failed = [r for r in results if isinstance(r, GenerationFailedError)]
