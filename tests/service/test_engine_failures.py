@@ -194,6 +194,10 @@ def test_sets_that_cannot_be_served_get_a_422_and_others_go_on(real, monkeypatch
 
 def test_a_batch_that_raises_answers_every_request_and_the_worker_goes_on(real, monkeypatch):
     engine, _, prompts = real
+    # A fresh worker: a batch an earlier test left decoding would take these requests as joiners, and no new
+    # batch (the one that raises) would start.
+    engine.stop()
+    engine.start()
     worker = engine._worker
     calls = []
 
