@@ -40,7 +40,7 @@ ENV TORCH_EXTENSIONS_DIR=/opt/kernels
 COPY shira_core shira_core
 # The kernel depends on shira_core alone, so it is built before the rest is copied: other edits do not rebuild
 # it. Its cache directory is named for its source's hash; the runtime imports the .so found there.
-RUN python -c "from shira_core.batched.kernel import main; main()" \
+RUN python -c "from shira_core.native import main; main()" \
     && test -n "$(find /opt/kernels -name '*.so')" \
     && find /opt/kernels -type f ! -name '*.so' -delete
 # The bundled GGUF converted once into a plain float32 checkpoint that the runtime loads directly (SHIRA_BASE_MODEL),

@@ -81,10 +81,14 @@ class BatchGenerator:
         model: a Hugging Face causal LM in eval mode.
         tokenizer: its tokenizer (for detokenisation and the pad/eos ids).
         eos_ids: token ids that end a row; default: the tokenizer's and generation config's EOS ids.
+        decode_step: runs decode steps in place of the model's forward (shira_core.decode.DecodeStep): called with
+            the rows' tokens, positions, attention mask and cache, returns the logits.
     """
 
-    def __init__(self, model, tokenizer, eos_ids: set[int] | None = None) -> None:
+    def __init__(self, model, tokenizer, eos_ids: set[int] | None = None,
+                 decode_step: Callable[..., torch.Tensor] | None = None) -> None:
         self.model = model
+        self.decode_step = decode_step
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         if eos_ids is None:
@@ -191,13 +195,16 @@ class BatchGenerator:
     def _step(self, batch: RowBatch, corrections: RowCorrections | None) -> list[int]:
         with corrections.decode(batch.rows) if corrections else contextlib.nullcontext():
             start = time.perf_counter()
-            logits = self.model(
-                input_ids=batch.last[:, None],
-                attention_mask=batch.mask,
-                position_ids=batch.positions[:, None],
-                use_cache=True,
-                **{self._cache_arg: batch.cache},
-            ).logits[:, -1]
+            if self.decode_step is not None:
+                logits = self.decode_step(batch.last, batch.positions, batch.mask, batch.cache)
+            else:
+                logits = self.model(
+                    input_ids=batch.last[:, None],
+                    attention_mask=batch.mask,
+                    position_ids=batch.positions[:, None],
+                    use_cache=True,
+                    **{self._cache_arg: batch.cache},
+                ).logits[:, -1]
             batch.last = sample(logits, batch.rows)
             tokens = batch.last.tolist()
             metrics.STEP_SECONDS.labels("decode").observe(time.perf_counter() - start)

@@ -67,6 +67,11 @@ class Settings(BaseSettings):
         description="How mixed batches correct rows on the CPU: the native kernel (built once with the machine's C++ "
         "compiler; PyTorch's products where it cannot build) or PyTorch's sparse products.",
     )
+    decode_kernel: Literal["native", "torch"] = Field(
+        "native",
+        description="How decode steps run the Linear layers on the CPU: the native kernel (AVX-512 or AVX2, built "
+        "once like the correction kernel; PyTorch's where it cannot) or PyTorch's linear.",
+    )
     correction_plan_bytes: int = Field(
         256 * 2**20, ge=0,
         validation_alias=AliasChoices("SHIRA_CORRECTION_PLAN_BYTES", "SHIRA_GUEST_PLAN_BYTES", "correction_plan_bytes"),

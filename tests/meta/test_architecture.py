@@ -84,7 +84,7 @@ def test_the_core_library_imports_no_service_code():
 
 
 # torch's JIT build folder: cpp_extension's public load() cannot import a prebuilt kernel without a compiler
-# (shira_core.batched.kernel._prebuilt, which falls back to load() if torch drops it).
+# (shira_core.native._prebuilt, which falls back to load() if torch drops it).
 PRIVATE_ALLOWED = {"cpp_extension._get_build_directory"}
 
 

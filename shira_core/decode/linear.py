@@ -1,0 +1,72 @@
+"""Decode-step Linear layers on the CPU, through the native kernel in csrc/decode_linear.cpp.
+
+`use_decode_linears(model)` turns a model's nn.Linear modules into DecodeLinear, a subclass whose forward runs the
+kernel when a pass carries one token per row without autograd (a decode step), and nn.Linear's own forward
+otherwise (prefill, training, CUDA). The weights are read where they are, so the Switcher's in-place scatters and
+the RowCorrector's wrapped forwards work unchanged. A row's output does not depend on its batchmates (see the
+source), so a batched decode equals decoding alone bit for bit; it differs from PyTorch's GEMV in the last bits.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import native
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("decode_linear.cpp", "decode_ops.cpp")]
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def load() -> ModuleType | None:
+    """The compiled kernels (`linear(x, weight, bias)`, `isa()`, and decode.step's ops), or None where they cannot
+    be built or this CPU has neither AVX-512 nor AVX2."""
+    try:
+        module = native.build(SOURCES, "shira_decode_linear")
+    except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean PyTorch's linear
+        log.warning("decode-linear kernel unavailable, using PyTorch's linear: %s", e)
+        return None
+    if not module.supported():
+        log.info("decode-linear kernel: this CPU has neither AVX-512 nor AVX2; using PyTorch's linear")
+        return None
+    return module
+
+
+class DecodeLinear(nn.Linear):
+    """An nn.Linear whose one-token-per-row passes run the decode kernel (bound by `use_decode_linears`)."""
+
+    kernel: ModuleType | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.kernel is not None:
+            return self.kernel.linear(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+def use_decode_linears(model: nn.Module) -> int:
+    """Makes the model's CPU nn.Linear layers DecodeLinear where the kernel runs here; returns how many changed."""
+    kernel = load()
+    if kernel is None:
+        return 0
+    changed = 0
+    for module in model.modules():
+        w = module.weight if type(module) is nn.Linear else None
+        if w is None or w.device.type != "cpu" or w.dtype not in DTYPES or not w.is_contiguous():
+            continue
+        if module.bias is not None and (module.bias.dtype != w.dtype or not module.bias.is_contiguous()):
+            continue
+        module.__class__ = DecodeLinear
+        changed += 1
+    DecodeLinear.kernel = kernel
+    if changed:
+        log.info("decode steps run %d Linear layers on the %s decode kernel", changed, kernel.isa())
+    return changed
