@@ -91,10 +91,12 @@ class Engine:
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         if self.model is None:
-            from shira_core.models import load_base
+            from shira_core.models import load_base, pick_device, pick_serving_dtype
 
+            dtype, why = pick_serving_dtype(self.settings.dtype, pick_device(self.settings.device))
+            log.info("serving in %s (%s)", str(dtype).removeprefix("torch."), why)
             self.model, self.tokenizer, source = load_base(
-                self.settings.base_model, self.settings.device, self.settings.dtype,
+                self.settings.base_model, self.settings.device, str(dtype).removeprefix("torch."),
                 self.settings.converted_models_dir()
             )
             self.model_label = source.label
@@ -262,6 +264,7 @@ class Engine:
         return {
             "model": self.model_label,
             "device": str(self.device),
+            "dtype": str(self.model.dtype).removeprefix("torch.") if self.model is not None else None,
             "ready": self.ready(),
             "active": worker.merged.label if worker else "base",
             "queue_depth": self.scheduler.depth,

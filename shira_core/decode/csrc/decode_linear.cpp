@@ -17,7 +17,6 @@
 
 namespace {
 
-constexpr int kOut = 4;   // weight rows per tile
 constexpr int kRows = 4;  // batch rows per tile
 
 template <typename T>
@@ -49,7 +48,10 @@ template <typename W, int NO, int NR>
 inline void step512(const W* w, int64_t k_len, const float* x, int64_t k, __mmask16 m, __m512 (&acc)[NO][NR]) {
     __m512 wv[NO];
 #pragma GCC unroll 8
-    for (int i = 0; i < NO; i++) wv[i] = load16<W>(w + i * k_len + k, m);
+    for (int i = 0; i < NO; i++) {
+        wv[i] = load16<W>(w + i * k_len + k, m);
+        if (NR > 2) _mm_prefetch(reinterpret_cast<const char*>(w + (i + NO) * k_len + k), _MM_HINT_T0);
+    }
 #pragma GCC unroll 8
     for (int j = 0; j < NR; j++) {
         const __m512 xv = _mm512_maskz_loadu_ps(m, x + j * k_len + k);
@@ -131,6 +133,49 @@ void tile256(const W* w, int64_t k_len, const float* x, O* out, int64_t n_out, c
 
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
+
+// bf16 rows against bf16 weights with AVX512-BF16: each instruction multiplies 32 pairs exactly and adds them into
+// 16 float32 lanes, so a tile needs half the instructions of the converting one.
+template <int NO, int NR>
+inline void step_dot(const at::BFloat16* w, int64_t k_len, const at::BFloat16* x, int64_t k, __mmask32 m,
+                     __m512 (&acc)[NO][NR]) {
+    __m512i wv[NO];
+#pragma GCC unroll 8
+    for (int i = 0; i < NO; i++) {
+        wv[i] = _mm512_maskz_loadu_epi16(m, w + i * k_len + k);
+        if (NR > 2) _mm_prefetch(reinterpret_cast<const char*>(w + (i + NO) * k_len + k), _MM_HINT_T0);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NR; j++) {
+        const __m512i xv = _mm512_maskz_loadu_epi16(m, x + j * k_len + k);
+#pragma GCC unroll 8
+        for (int i = 0; i < NO; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)wv[i], (__m512bh)xv);
+    }
+}
+
+template <typename O, int NO, int NR>
+void tile_dot(const at::BFloat16* w, int64_t k_len, const at::BFloat16* x, O* out, int64_t n_out,
+              const at::BFloat16* bias) {
+    __m512 acc[NO][NR];
+#pragma GCC unroll 8
+    for (int i = 0; i < NO; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    const int64_t body = k_len / 32 * 32;
+    for (int64_t k = 0; k < body; k += 32) step_dot<NO, NR>(w, k_len, x, k, 0xFFFFFFFFu, acc);
+    if (body < k_len) step_dot<NO, NR>(w, k_len, x, body, static_cast<__mmask32>((1ull << (k_len - body)) - 1), acc);
+#pragma GCC unroll 8
+    for (int i = 0; i < NO; i++) {
+        const float b = bias ? static_cast<float>(bias[i]) : 0.0f;
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) Out<O>::store(out + j * n_out + i, _mm512_reduce_add_ps(acc[i][j]) + b);
+    }
+}
+
+#pragma GCC pop_options
+
 enum class Isa { none, avx2, avx512 };
 
 Isa detect() {
@@ -144,6 +189,7 @@ Isa detect() {
 }
 
 Isa kIsa = detect();  // tests step down to AVX2 through use_isa
+bool kDot = kIsa == Isa::avx512 && __builtin_cpu_supports("avx512bf16");  // tests turn it off through use_isa
 
 template <typename W, typename O, int NO, int NR>
 inline void tile(const W* w, int64_t k_len, const float* x, O* out, int64_t n_out, const W* bias) {
@@ -153,12 +199,17 @@ inline void tile(const W* w, int64_t k_len, const float* x, O* out, int64_t n_ou
         tile256<W, O, NO, NR>(w, k_len, x, out, n_out, bias);
 }
 
+template <typename W, typename O, int NO, int NR>
+inline void tile(const W* w, int64_t k_len, const at::BFloat16* x, O* out, int64_t n_out, const W* bias) {
+    tile_dot<O, NO, NR>(w, k_len, x, out, n_out, bias);  // only W = bf16 reaches here (see linear)
+}
+
 // All batch rows against NO weight rows, four batch rows at a time (the weight rows stay in L1 between them).
-template <typename W, typename O, int NO>
-void rows(const W* w, int64_t k_len, const float* x, int64_t m, O* out, int64_t n_out, const W* bias) {
+template <typename W, typename X, typename O, int NO>
+void rows(const W* w, int64_t k_len, const X* x, int64_t m, O* out, int64_t n_out, const W* bias) {
     int64_t j = 0;
     for (; j + kRows <= m; j += kRows) tile<W, O, NO, kRows>(w, k_len, x + j * k_len, out + j * n_out, n_out, bias);
-    const float* xj = x + j * k_len;
+    const X* xj = x + j * k_len;
     O* oj = out + j * n_out;
     switch (m - j) {
         case 3: tile<W, O, NO, 3>(w, k_len, xj, oj, n_out, bias); break;
@@ -168,37 +219,43 @@ void rows(const W* w, int64_t k_len, const float* x, int64_t m, O* out, int64_t 
     }
 }
 
-template <typename W, typename O>
-void run(const W* w, const W* bias, const float* x, O* out, int64_t m, int64_t n_out, int64_t k_len) {
-    const int64_t tiles = (n_out + kOut - 1) / kOut;
+template <typename W, typename X, typename O>
+void run(const W* w, const W* bias, const X* x, O* out, int64_t m, int64_t n_out, int64_t k_len) {
+    // One or two rows: one weight row at a time, so each thread reads a single sequential stream (the prefetchers
+    // keep up; four interleaved row streams ran at half the bandwidth). More rows: four fp32 or two 16-bit weight
+    // rows a tile, so each loaded x vector feeds several FMAs, with the next tile prefetched (measured on SmolLM2's
+    // layers, 2 cores: 8 rows 28 ms against 32 without the prefetch). Every output is the same sum in the same order
+    // whatever the tile.
+    const int64_t width = m <= 2 ? 1 : sizeof(W) == 4 ? 4 : 2;
+    const int64_t tiles = (n_out + width - 1) / width;
     // ~32K weights a task: small layers stay on one thread, where a hand-off would cost more than it saves.
-    const int64_t grain = std::max<int64_t>(1, 32768 / (kOut * k_len));
+    const int64_t grain = std::max<int64_t>(1, 32768 / (width * k_len));
     at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; t++) {
-            const int64_t n = t * kOut;
+            const int64_t n = t * width;
             const W* wt = w + n * k_len;
             const W* bt = bias ? bias + n : nullptr;
-            switch (std::min<int64_t>(kOut, n_out - n)) {
-                case 4: rows<W, O, 4>(wt, k_len, x, m, out + n, n_out, bt); break;
-                case 3: rows<W, O, 3>(wt, k_len, x, m, out + n, n_out, bt); break;
-                case 2: rows<W, O, 2>(wt, k_len, x, m, out + n, n_out, bt); break;
-                default: rows<W, O, 1>(wt, k_len, x, m, out + n, n_out, bt); break;
+            switch (std::min<int64_t>(width, n_out - n)) {
+                case 4: rows<W, X, O, 4>(wt, k_len, x, m, out + n, n_out, bt); break;
+                case 3: rows<W, X, O, 3>(wt, k_len, x, m, out + n, n_out, bt); break;
+                case 2: rows<W, X, O, 2>(wt, k_len, x, m, out + n, n_out, bt); break;
+                default: rows<W, X, O, 1>(wt, k_len, x, m, out + n, n_out, bt); break;
             }
         }
     });
 }
 
-template <typename W>
-void dispatch_out(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, const torch::Tensor& x32,
+template <typename W, typename X>
+void dispatch_out(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, const torch::Tensor& xs,
                   torch::Tensor& out) {
     const W* w = weight.data_ptr<W>();
     const W* b = bias && bias->defined() ? bias->data_ptr<W>() : nullptr;
-    const int64_t m = x32.size(0), k_len = x32.size(1), n_out = weight.size(0);
-    const float* x = x32.data_ptr<float>();
+    const int64_t m = xs.size(0), k_len = xs.size(1), n_out = weight.size(0);
+    const X* x = xs.data_ptr<X>();
     switch (out.scalar_type()) {
-        case at::kFloat: run<W, float>(w, b, x, out.data_ptr<float>(), m, n_out, k_len); break;
-        case at::kBFloat16: run<W, at::BFloat16>(w, b, x, out.data_ptr<at::BFloat16>(), m, n_out, k_len); break;
-        case at::kHalf: run<W, at::Half>(w, b, x, out.data_ptr<at::Half>(), m, n_out, k_len); break;
+        case at::kFloat: run<W, X, float>(w, b, x, out.data_ptr<float>(), m, n_out, k_len); break;
+        case at::kBFloat16: run<W, X, at::BFloat16>(w, b, x, out.data_ptr<at::BFloat16>(), m, n_out, k_len); break;
+        case at::kHalf: run<W, X, at::Half>(w, b, x, out.data_ptr<at::Half>(), m, n_out, k_len); break;
         default: TORCH_CHECK(false, "decode_linear: output dtype must be float32, bfloat16 or float16");
     }
 }
@@ -207,13 +264,18 @@ void dispatch_out(const torch::Tensor& weight, const c10::optional<torch::Tensor
 
 bool supported() { return kIsa != Isa::none; }
 
-std::string isa() { return kIsa == Isa::avx512 ? "avx512" : kIsa == Isa::avx2 ? "avx2" : "none"; }
+std::string isa() {
+    if (kIsa == Isa::avx512) return kDot ? "avx512-bf16" : "avx512";
+    return kIsa == Isa::avx2 ? "avx2" : "none";
+}
 
-// Runs the AVX2 tiles on an AVX-512 CPU, or back (tests cover both paths on one machine); returns the ISA in use.
+// Runs the AVX2 or plain AVX-512 tiles on a CPU that has more, or back (tests cover both paths on one machine); returns the ISA in use.
 std::string use_isa(const std::string& name) {
     const Isa best = detect();
-    if (name == "avx2" && best != Isa::none) kIsa = Isa::avx2;
-    if (name == "avx512" && best == Isa::avx512) kIsa = Isa::avx512;
+    const bool dot = best == Isa::avx512 && __builtin_cpu_supports("avx512bf16");
+    if (name == "avx2" && best != Isa::none) kIsa = Isa::avx2, kDot = false;
+    if (name == "avx512" && best == Isa::avx512) kIsa = Isa::avx512, kDot = false;
+    if (name == "avx512-bf16" && dot) kIsa = Isa::avx512, kDot = true;
     return isa();
 }
 
@@ -229,14 +291,18 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const 
         TORCH_CHECK(bias->is_contiguous() && bias->numel() == weight.size(0) &&
                         bias->scalar_type() == weight.scalar_type(),
                     "decode_linear: bias must be a contiguous [out] vector of the weight's dtype");
-    auto x32 = x.reshape({-1, k_len}).to(at::kFloat).contiguous();
     auto sizes = x.sizes().vec();
     sizes.back() = weight.size(0);
     auto out = torch::empty(sizes, x.options());
+    if (kDot && weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {
+        dispatch_out<at::BFloat16, at::BFloat16>(weight, bias, x.reshape({-1, k_len}).contiguous(), out);
+        return out;
+    }
+    auto x32 = x.reshape({-1, k_len}).to(at::kFloat).contiguous();
     switch (weight.scalar_type()) {
-        case at::kFloat: dispatch_out<float>(weight, bias, x32, out); break;
-        case at::kBFloat16: dispatch_out<at::BFloat16>(weight, bias, x32, out); break;
-        case at::kHalf: dispatch_out<at::Half>(weight, bias, x32, out); break;
+        case at::kFloat: dispatch_out<float, float>(weight, bias, x32, out); break;
+        case at::kBFloat16: dispatch_out<at::BFloat16, float>(weight, bias, x32, out); break;
+        case at::kHalf: dispatch_out<at::Half, float>(weight, bias, x32, out); break;
         default: TORCH_CHECK(false, "decode_linear: weight dtype must be float32, bfloat16 or float16");
     }
     return out;
