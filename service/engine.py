@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from shira_core.decode import DecodeStep, use_decode_linears
+from shira_core.decode import load as load_decode_kernel
 from shira_core.delta import SparseAdapter
 from shira_core.errors import AdapterFormatError, ShiraError
 from shira_core.fingerprint import BaseFingerprint
@@ -111,10 +112,12 @@ class Engine:
             self.cache = AdapterCache(self.registry, self.fingerprint, self.settings.cache_bytes)
             self.records = KnownRecords(self.registry, self.cache.has_adapter, self.cache.drop_names)
             phases.done("switcher")
-        step = None
-        if self.settings.decode_kernel == "native":
-            use_decode_linears(self.model)
+        step, decode = None, "torch"
+        if self.settings.decode_kernel == "native" and use_decode_linears(self.model):
             step = DecodeStep.for_model(self.model)
+            decode = f"native {load_decode_kernel().isa()}" + (" + step" if step is not None else "")
+        metrics.MODEL.info({"model": self.model_label, "device": str(self.device), "decode": decode,
+                            "dtype": str(self.model.dtype).removeprefix("torch.")})
         self._stop.clear()
         generator = BatchGenerator(self.model, self.tokenizer, decode_step=step)
         self._worker = Worker(self.scheduler, self.switcher, self.cache, generator, self.settings, self._stop)

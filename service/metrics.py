@@ -64,3 +64,6 @@ ACTIVE_ADAPTER = Info("shira_active_adapter", "The adapter set currently applied
 REPLICA = Info(
     "shira_replica", "This replica's host name and port (set by `shira serve`): tells replicas behind a gateway apart."
 )
+MODEL = Info(
+    "shira_model", "The base model, its device and dtype, and how decode steps run (native kernel ISA, or torch)."
+)

@@ -46,8 +46,9 @@ def zipf_rows(rows: int, sets: int, seed: int = 0) -> list[int]:
 class StepTimer:
     """Decode steps of a fixed prefilled batch, timed one by one (synchronized on CUDA)."""
 
-    def __init__(self, model: torch.nn.Module, rows: int, prompt_len: int = 40) -> None:
+    def __init__(self, model: torch.nn.Module, rows: int, prompt_len: int = 40, decode_step: Any = None) -> None:
         self.model = model
+        self.decode_step = decode_step  # shira_core.decode.DecodeStep, as the service runs it; None: the forward
         self.device = next(model.parameters()).device
         vocab = model.get_input_embeddings().weight.shape[0]
         gen = torch.Generator().manual_seed(0)
@@ -68,7 +69,8 @@ class StepTimer:
         cache = DynamicCache(config=self.model.config)
         logits = self.model(input_ids=self.ids, use_cache=True, **{self.cache_arg: cache}).logits
         mask = torch.ones(self.ids.shape, dtype=torch.long, device=self.device)
-        return {"cache": cache, "token": logits[:, -1].argmax(-1, keepdim=True), "mask": mask}
+        positions = torch.full((self.ids.shape[0],), self.ids.shape[1] - 1, device=self.device)
+        return {"cache": cache, "token": logits[:, -1].argmax(-1, keepdim=True), "mask": mask, "positions": positions}
 
     @torch.inference_mode()
     def steps_ms(self, state: dict[str, Any], context: Any, steps: int) -> list[float]:
@@ -78,10 +80,14 @@ class StepTimer:
             state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(state["mask"].shape[0], 1)], 1)
             self._sync()
             begin = time.perf_counter()
+            state["positions"] = state["positions"] + 1
             with context():
-                out = self.model(input_ids=state["token"], attention_mask=state["mask"], use_cache=True,
-                                 **{self.cache_arg: state["cache"]})
-            state["token"] = out.logits[:, -1].argmax(-1, keepdim=True)
+                if self.decode_step is not None:
+                    logits = self.decode_step(state["token"][:, 0], state["positions"], state["mask"], state["cache"])
+                else:
+                    logits = self.model(input_ids=state["token"], attention_mask=state["mask"], use_cache=True,
+                                        **{self.cache_arg: state["cache"]}).logits[:, -1]
+            state["token"] = logits.argmax(-1, keepdim=True)
             self._sync()
             times.append(1e3 * (time.perf_counter() - begin))
         return times
@@ -152,14 +158,16 @@ def _time_rounds(timer: StepTimer, switcher: Any, variants: Variants, correctors
 
 def measure(*, model: str = "default", layers: int = 30, device: str = "auto", dtype: str = "auto",
             rows: int = 8, adapters: int = 8, density: float = 0.01, steps: int = 5,
-            repeats: int = 10) -> StepReport:
+            repeats: int = 10, decode: str = "native") -> StepReport:
     """Times `steps` decode steps of each variant in each of `repeats` rounds: the ms/step medians and the
-    ratios against `single`, over all steps and round by round."""
-    from shira_core.models import linear_weight_names, pick_device, pick_dtype
+    ratios against `single`, over all steps and round by round. `decode`: "native" runs the service's decode path
+    (shira_core.decode) where it applies, "torch" transformers' forward with PyTorch's linears."""
+    from shira_core.decode import DecodeStep, use_decode_linears
+    from shira_core.models import linear_weight_names, pick_device, pick_serving_dtype
     from shira_core.switcher import Switcher
 
     dev = pick_device(device)
-    dt = str(pick_dtype(dtype, dev)).replace("torch.", "")
+    dt = str(pick_serving_dtype(dtype, dev)[0]).replace("torch.", "")
     lm = bench_model({"base": model, "layers": layers, "device": str(dev), "dtype": dt}).eval()
     names = linear_weight_names(lm)
     switcher = Switcher(lm)
@@ -167,7 +175,11 @@ def measure(*, model: str = "default", layers: int = 30, device: str = "auto", d
              for k in range(adapters)]
     sets = zipf_rows(rows, adapters)
     host = Counter(sets).most_common(1)[0][0]
-    timer = StepTimer(lm, rows)
+    step = None
+    if decode == "native":
+        use_decode_linears(lm)
+        step = DecodeStep.for_model(lm)
+    timer = StepTimer(lm, rows, decode_step=step)
     variants: Variants = {"base": (None, contextlib.nullcontext), "single": (plans[0], contextlib.nullcontext)}
     mixed, correctors = _mixed_variants(lm, switcher, plans, sets, host)
     variants.update(mixed)
@@ -183,7 +195,7 @@ def measure(*, model: str = "default", layers: int = 30, device: str = "auto", d
         "setup": {"model": model, "device": str(dev), "dtype": dt, "rows": rows, "sets": sets, "host": host,
                   "adapters": adapters, "density": density, "steps": steps, "repeats": repeats,
                   "corrected_layers": len(corrector.layers), "guest_dtype": str(corrector.dtype).replace("torch.", ""),
-                  "native_kernel": correctors[0].native},
+                  "native_kernel": correctors[0].native, "decode": "native" if step is not None else "torch"},
         "ms_per_step": {k: round(v, 3) for k, v in ms.items()},
         "ms_per_step_by_repeat": {k: [round(x, 3) for x in v] for k, v in by_round.items()},
         "vs_single": {k: round(ms["single"] / v, 3) for k, v in ms.items()},

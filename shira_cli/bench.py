@@ -96,19 +96,25 @@ def bench_step(
     model: Annotated[str, typer.Option(help="default (bundled SmolLM2-135M), a model path, or random.")] = "default",
     layers: Annotated[int, typer.Option(help="Decoder layers when --model random.")] = 30,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bf16 on CUDA, fp32 on CPU), float32 or bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(
+        help="auto (what `shira serve` picks: bf16 on CUDA and on CPUs with native bf16, else fp32), float32 or "
+        "bfloat16.")] = "auto",
     rows: Annotated[int, typer.Option(help="Rows in the decode batch.")] = 8,
     adapters: Annotated[int, typer.Option(help="Adapters the rows are drawn from (Zipf).")] = 8,
     steps: Annotated[int, typer.Option(help="Decode steps of each variant per round.")] = 5,
     repeats: Annotated[int, typer.Option(help="Rounds over the variants (after one warm-up round).")] = 10,
+    decode: Annotated[str, typer.Option(
+        help="native: the service's decode path (shira_core.decode); torch: transformers' forward.")] = "native",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Decode-step time in process: base, one adapter applied, and rows of several adapters (row corrections)."""
     from shira_bench import step
 
     with one_line_errors():
+        if decode not in ("native", "torch"):
+            raise ValueError(f"--decode must be native or torch, not {decode!r}")
         measured = step.measure(model=model, layers=layers, device=device, dtype=dtype, rows=rows,
-                                adapters=adapters, steps=steps, repeats=repeats)
+                                adapters=adapters, steps=steps, repeats=repeats, decode=decode)
         typer.echo(json.dumps(measured.report, indent=2) if json_out else measured.table())
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import hugepages
 from .delta import SparseAdapter
 from .errors import FusionError, IndexRangeError, NonFiniteValueError, ShapeMismatchError, UnknownLayerError
 from .params import adaptable, tied_aliases, unique_parameters
@@ -135,7 +136,7 @@ class Switcher:
             for name in names:
                 offsets.append(total)
                 total += -(-params[name].numel() // ALIGN) * ALIGN
-            buffer = torch.zeros(total, dtype=dtype, device=device)
+            buffer = hugepages.zeros(total, dtype, device)  # huge pages where it can: decode streams it every step
             gid = len(self._groups)
             self._groups.append(_Group(buffer, list(names)))
             for name, off in zip(names, offsets, strict=True):

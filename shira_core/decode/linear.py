@@ -53,12 +53,15 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_linears(model: nn.Module) -> int:
-    """Makes the model's CPU nn.Linear layers DecodeLinear where the kernel runs here; returns how many changed."""
+    """Makes the model's CPU nn.Linear layers DecodeLinear where the kernel runs here; returns how many it has."""
     kernel = load()
     if kernel is None:
         return 0
     changed = 0
     for module in model.modules():
+        if type(module) is DecodeLinear:  # bound before (an engine started again)
+            changed += 1
+            continue
         w = module.weight if type(module) is nn.Linear else None
         if w is None or w.device.type != "cpu" or w.dtype not in DTYPES or not w.is_contiguous():
             continue

@@ -116,3 +116,26 @@ def test_training_on_the_device_stores_a_cpu_adapter_and_restores_the_base(tiny_
     Switcher(model).apply([(again, 1.0)])  # the stored adapter loads back onto the device's model
     assert not torch.equal(snapshot(model)[f"param:{next(iter(adapter.deltas))}"],
                            snap[f"param:{next(iter(adapter.deltas))}"])
+
+
+def test_auto_serves_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from shira_core import models
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    assert models.pick_serving_dtype("auto", cpu)[0] == torch.bfloat16
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    dtype, why = models.pick_serving_dtype("auto", cpu)
+    assert dtype == torch.float32 and "no native bf16" in why
+    assert models.pick_serving_dtype("auto", cuda)[0] == torch.bfloat16
+    assert models.pick_serving_dtype("float32", cuda) == (torch.float32, "set by SHIRA_DTYPE")
+    assert models.pick_dtype("auto", cpu) == torch.float32  # training and the other tools stay in fp32
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    from pathlib import Path
+
+    from shira_core import models
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    assert models.cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

@@ -75,3 +75,15 @@ def test_a_written_copy_is_readable_by_other_users(tmp_path, tiny_llama):
     assert model_cache.write_copy(copy, tiny_llama(), Tok(), {"k": 1})
     assert copy.stat().st_mode & 0o755 == 0o755
     assert all(p.stat().st_mode & 0o444 == 0o444 for p in copy.iterdir())
+
+
+def test_another_dtype_casts_the_fp32_copy_instead_of_converting_again(data_dir, caplog):
+    cache = data_dir / "models"
+    fp32, _, _ = load_base(None, "cpu", "float32", cache)
+    assert not model_cache.is_complete(model_cache.cached_copy(cache, bundled_gguf(), torch.bfloat16))
+    with caplog.at_level("INFO", logger="shira_core.models"):
+        bf16, _, _ = load_base(None, "cpu", "bfloat16", cache)
+    assert "from its converted copy" in caplog.text and "written" not in caplog.text
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16.model.layers[3].mlp.up_proj.weight, fp32.model.layers[3].mlp.up_proj.weight.bfloat16())
+    assert not model_cache.is_complete(model_cache.cached_copy(cache, bundled_gguf(), torch.bfloat16))

@@ -295,3 +295,35 @@ def test_duplicate_names_bind_once(model):
     assert_state(model, base, [(a, 1.0)])
     switcher.revert()
     assert_matches_snapshot(model, before)
+
+
+def test_a_large_cpu_buffer_is_on_huge_pages_where_linux_offers_them():
+    import sys
+    from pathlib import Path
+
+    from shira_core import hugepages
+
+    buf = hugepages.zeros(40 * 2**20 // 4, torch.float32, torch.device("cpu"))
+    assert buf.numel() == 40 * 2**20 // 4 and buf.dtype == torch.float32 and not buf.any()
+    assert buf.data_ptr() % hugepages.HUGE_PAGE == 0
+    small = hugepages.zeros(1000, torch.bfloat16, torch.device("cpu"))
+    assert small.numel() == 1000 and not small.any()
+    mode = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if sys.platform.startswith("linux") and mode.exists() and "[never]" not in mode.read_text():
+        buf += 1.0  # touch every page
+        assert _huge_kib_around(buf.data_ptr()) > 0
+
+
+def _huge_kib_around(address: int) -> int:
+    """AnonHugePages (KiB) of the mapping in /proc/self/smaps that holds `address`."""
+    from pathlib import Path
+
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and ":" not in head:
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            inside = lo <= address < hi
+        elif inside and head == "AnonHugePages:":
+            return int(line.split()[1])
+    return 0
