@@ -2,9 +2,10 @@
 
 transformers' forward spends about as long dispatching small ops as reading the weights in a one-row decode step
 of SmolLM2-135M (~5,900 op calls a step). DecodeStep runs the same arithmetic: RMSNorm with the residual add,
-rotary embedding, attention of one query over the cache and SiLU(gate) * up in the native kernels
+rotary embedding and attention of one query over the cache in the native kernels
 (csrc/decode_ops.cpp), and every Linear through its own module, so DecodeLinear and the RowCorrector's wrapped
-forwards apply as they do in transformers' forward.
+forwards apply as they do in transformers' forward. Plain DecodeLinear layers that share an input (q, k and v;
+gate and up) run in one kernel call.
 
 The KV cache stays a transformers DynamicCache (prefill, RowBatch's joins and drops use it as before), but each
 layer's keys and values become views of a buffer with room to grow: a step writes one column instead of copying
@@ -15,15 +16,37 @@ moves them into a new buffer once.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
-from .linear import load
+from .linear import DecodeLinear, load
 
 FAMILIES = {"llama", "mistral", "qwen2"}
 GROWTH = 64  # cache columns added when a buffer is full
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """One decoder layer's parts, looked up once: (weight, eps) of each norm, and the Linear modules by input."""
+
+    attn_norm: tuple[torch.Tensor, float]
+    qkv: tuple[nn.Module, nn.Module, nn.Module]
+    o: tuple[nn.Module]
+    mlp_norm: tuple[torch.Tensor, float]
+    gate_up: tuple[nn.Module, nn.Module]
+    down: tuple[nn.Module]
+
+    @classmethod
+    def of(cls, layer: nn.Module) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        return cls((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
+                   (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+                   (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
+                   (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
 
 
 class DecodeStep:
@@ -38,6 +61,9 @@ class DecodeStep:
         self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.scale = self.head_dim**-0.5
+        self.layers = [_Layer.of(layer) for layer in self.inner.layers]
+        self.final_norm = (self.inner.norm.weight, self.inner.norm.variance_epsilon)
+        self.head = (model.lm_head,)
         # cache layer -> (key buffer, value buffer, the keys and values views last handed to it)
         self._buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -76,23 +102,27 @@ class DecodeStep:
         cos, sin = cos.reshape(rows, -1).contiguous(), sin.reshape(rows, -1).contiguous()
         mask = mask.to(torch.long)
         residual = None
-        for i, layer in enumerate(self.inner.layers):
-            attn = layer.self_attn
-            h = k.add_rms_norm(x, residual, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
-            q = attn.q_proj(h).view(rows, self.heads, self.head_dim)
-            key = attn.k_proj(h).view(rows, self.kv_heads, self.head_dim)
-            value = attn.v_proj(h).view(rows, self.kv_heads, self.head_dim)
+        for i, layer in enumerate(self.layers):
+            h = k.add_rms_norm(x, residual, *layer.attn_norm)
+            q, key, value = self._linears(layer.qkv, h)
+            q = q.view(rows, self.heads, self.head_dim)
+            key = key.view(rows, self.kv_heads, self.head_dim)
             k.rope(q, cos, sin)
             k.rope(key, cos, sin)
-            keys, values = self._append(cache.layers[i], key, value)
+            keys, values = self._append(cache.layers[i], key, value.view(rows, self.kv_heads, self.head_dim))
             o = k.attention(q, keys, values, mask, self.scale)
-            x_attn = attn.o_proj(o.view(rows, 1, -1))
-            mlp = layer.mlp
-            h = k.add_rms_norm(x, x_attn, layer.post_attention_layernorm.weight,
-                               layer.post_attention_layernorm.variance_epsilon)
-            residual = mlp.down_proj(k.silu_mul(mlp.gate_proj(h), mlp.up_proj(h)))
-        h = k.add_rms_norm(x, residual, self.inner.norm.weight, self.inner.norm.variance_epsilon)
-        return self.model.lm_head(h)[:, -1]
+            h = k.add_rms_norm(x, self._linears(layer.o, o.view(rows, 1, -1))[0], *layer.mlp_norm)
+            gate, up = self._linears(layer.gate_up, h)
+            residual = self._linears(layer.down, F.silu(gate).mul_(up))[0]  # as transformers: act(gate) * up
+        h = k.add_rms_norm(x, residual, *self.final_norm)
+        return self._linears(self.head, h)[0][:, -1]
+
+    def _linears(self, modules: tuple[nn.Module, ...], h: torch.Tensor) -> list[torch.Tensor]:
+        """Each module's output for h: in one kernel call where they are plain DecodeLinear layers, else through the
+        modules (a RowCorrector's wrapped forward, which corrects rows of other adapter sets, is one)."""
+        if all(type(m) is DecodeLinear and "forward" not in m.__dict__ for m in modules):
+            return self.kernel.linears(h, [m.weight for m in modules], [m.bias for m in modules])
+        return [m(h) for m in modules]
 
     def _append(self, layer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes the new column into the layer's buffer (moving the layer into a new one when it was replaced or is

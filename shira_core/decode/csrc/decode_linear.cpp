@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -219,43 +220,63 @@ void rows(const W* w, int64_t k_len, const X* x, int64_t m, O* out, int64_t n_ou
     }
 }
 
+// One weight of a call: its rows are tiles [first, first + tiles) of the call's tile range.
+struct Job {
+    const void* w;
+    const void* bias;
+    void* out;
+    int64_t n_out;
+    int64_t first;
+    int64_t tiles;
+};
+
 template <typename W, typename X, typename O>
-void run(const W* w, const W* bias, const X* x, O* out, int64_t m, int64_t n_out, int64_t k_len) {
+void tile_of(const Job& job, int64_t t, const X* x, int64_t m, int64_t k_len, int64_t width) {
+    const int64_t n = t * width;
+    const W* wt = static_cast<const W*>(job.w) + n * k_len;
+    const W* bt = job.bias ? static_cast<const W*>(job.bias) + n : nullptr;
+    O* out = static_cast<O*>(job.out) + n;
+    switch (std::min<int64_t>(width, job.n_out - n)) {
+        case 4: rows<W, X, O, 4>(wt, k_len, x, m, out, job.n_out, bt); break;
+        case 3: rows<W, X, O, 3>(wt, k_len, x, m, out, job.n_out, bt); break;
+        case 2: rows<W, X, O, 2>(wt, k_len, x, m, out, job.n_out, bt); break;
+        default: rows<W, X, O, 1>(wt, k_len, x, m, out, job.n_out, bt); break;
+    }
+}
+
+// Every weight of the call over one tile range, so the weights that share an input (q, k and v; gate and up) are
+// split between the threads in one hand-off.
+template <typename W, typename X, typename O>
+void run(std::vector<Job>& jobs, const X* x, int64_t m, int64_t k_len) {
     // One or two rows: one weight row at a time, so each thread reads a single sequential stream (the prefetchers
     // keep up; four interleaved row streams ran at half the bandwidth). More rows: four fp32 or two 16-bit weight
     // rows a tile, so each loaded x vector feeds several FMAs, with the next tile prefetched (measured on SmolLM2's
     // layers, 2 cores: 8 rows 28 ms against 32 without the prefetch). Every output is the same sum in the same order
     // whatever the tile.
     const int64_t width = m <= 2 ? 1 : sizeof(W) == 4 ? 4 : 2;
-    const int64_t tiles = (n_out + width - 1) / width;
+    int64_t total = 0;
+    for (auto& job : jobs) {
+        job.first = total;
+        job.tiles = (job.n_out + width - 1) / width;
+        total += job.tiles;
+    }
     // ~32K weights a task: small layers stay on one thread, where a hand-off would cost more than it saves.
     const int64_t grain = std::max<int64_t>(1, 32768 / (width * k_len));
-    at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) {
+        size_t j = 0;
         for (int64_t t = begin; t < end; t++) {
-            const int64_t n = t * width;
-            const W* wt = w + n * k_len;
-            const W* bt = bias ? bias + n : nullptr;
-            switch (std::min<int64_t>(width, n_out - n)) {
-                case 4: rows<W, X, O, 4>(wt, k_len, x, m, out + n, n_out, bt); break;
-                case 3: rows<W, X, O, 3>(wt, k_len, x, m, out + n, n_out, bt); break;
-                case 2: rows<W, X, O, 2>(wt, k_len, x, m, out + n, n_out, bt); break;
-                default: rows<W, X, O, 1>(wt, k_len, x, m, out + n, n_out, bt); break;
-            }
+            while (t >= jobs[j].first + jobs[j].tiles) j++;
+            tile_of<W, X, O>(jobs[j], t - jobs[j].first, x, m, k_len, width);
         }
     });
 }
 
 template <typename W, typename X>
-void dispatch_out(const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias, const torch::Tensor& xs,
-                  torch::Tensor& out) {
-    const W* w = weight.data_ptr<W>();
-    const W* b = bias && bias->defined() ? bias->data_ptr<W>() : nullptr;
-    const int64_t m = xs.size(0), k_len = xs.size(1), n_out = weight.size(0);
-    const X* x = xs.data_ptr<X>();
-    switch (out.scalar_type()) {
-        case at::kFloat: run<W, X, float>(w, b, x, out.data_ptr<float>(), m, n_out, k_len); break;
-        case at::kBFloat16: run<W, X, at::BFloat16>(w, b, x, out.data_ptr<at::BFloat16>(), m, n_out, k_len); break;
-        case at::kHalf: run<W, X, at::Half>(w, b, x, out.data_ptr<at::Half>(), m, n_out, k_len); break;
+void dispatch_out(std::vector<Job>& jobs, const X* x, int64_t m, int64_t k_len, at::ScalarType out) {
+    switch (out) {
+        case at::kFloat: run<W, X, float>(jobs, x, m, k_len); break;
+        case at::kBFloat16: run<W, X, at::BFloat16>(jobs, x, m, k_len); break;
+        case at::kHalf: run<W, X, at::Half>(jobs, x, m, k_len); break;
         default: TORCH_CHECK(false, "decode_linear: output dtype must be float32, bfloat16 or float16");
     }
 }
@@ -269,7 +290,8 @@ std::string isa() {
     return kIsa == Isa::avx2 ? "avx2" : "none";
 }
 
-// Runs the AVX2 or plain AVX-512 tiles on a CPU that has more, or back (tests cover both paths on one machine); returns the ISA in use.
+// Runs the AVX2 or plain AVX-512 tiles on a CPU that has more, or back (tests cover each path on one machine);
+// returns the ISA in use.
 std::string use_isa(const std::string& name) {
     const Isa best = detect();
     const bool dot = best == Isa::avx512 && __builtin_cpu_supports("avx512bf16");
@@ -279,33 +301,55 @@ std::string use_isa(const std::string& name) {
     return isa();
 }
 
-// x: [..., in] on the CPU; weight: [out, in] contiguous (float32, bfloat16 or float16); bias: [out] or None, the
-// weight's dtype. Returns [..., out] in x's dtype.
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+// x: [..., in] on the CPU; weights: [out_i, in] contiguous, one dtype (float32, bfloat16 or float16); biases: [out_i]
+// or None each, the weights' dtype. Returns one [..., out_i] per weight, in x's dtype.
+std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<torch::Tensor>& weights,
+                                   const std::vector<c10::optional<torch::Tensor>>& biases) {
     TORCH_CHECK(kIsa != Isa::none, "decode_linear: this CPU has neither AVX-512 nor AVX2 with FMA");
-    TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "decode_linear: CPU tensors only");
-    TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "decode_linear: weight must be a contiguous matrix");
-    const int64_t k_len = weight.size(1);
-    TORCH_CHECK(x.size(-1) == k_len, "decode_linear: x has ", x.size(-1), " features, the weight ", k_len);
-    if (bias && bias->defined())
-        TORCH_CHECK(bias->is_contiguous() && bias->numel() == weight.size(0) &&
-                        bias->scalar_type() == weight.scalar_type(),
-                    "decode_linear: bias must be a contiguous [out] vector of the weight's dtype");
+    TORCH_CHECK(!weights.empty() && biases.size() == weights.size(), "decode_linear: one bias (or None) per weight");
+    TORCH_CHECK(x.device().is_cpu(), "decode_linear: CPU tensors only");
+    const int64_t k_len = weights[0].size(-1);
+    const at::ScalarType wtype = weights[0].scalar_type();
+    TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k_len, "decode_linear: x has ", x.size(-1), " features, the weight ",
+                k_len);
+    const int64_t m = x.numel() / k_len;
+    std::vector<torch::Tensor> outs;
+    std::vector<Job> jobs;
     auto sizes = x.sizes().vec();
-    sizes.back() = weight.size(0);
-    auto out = torch::empty(sizes, x.options());
-    if (kDot && weight.scalar_type() == at::kBFloat16 && x.scalar_type() == at::kBFloat16) {
-        dispatch_out<at::BFloat16, at::BFloat16>(weight, bias, x.reshape({-1, k_len}).contiguous(), out);
-        return out;
+    for (size_t i = 0; i < weights.size(); i++) {
+        const torch::Tensor& w = weights[i];
+        TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && w.size(1) == k_len &&
+                        w.scalar_type() == wtype,
+                    "decode_linear: weights must be contiguous CPU matrices of one dtype, each [out, ", k_len, "]");
+        const auto& b = biases[i];
+        const bool has_bias = b && b->defined();
+        if (has_bias)
+            TORCH_CHECK(b->is_contiguous() && b->numel() == w.size(0) && b->scalar_type() == wtype,
+                        "decode_linear: bias must be a contiguous [out] vector of the weight's dtype");
+        sizes.back() = w.size(0);
+        outs.push_back(torch::empty(sizes, x.options()));
+        jobs.push_back({w.data_ptr(), has_bias ? b->data_ptr() : nullptr, outs.back().data_ptr(), w.size(0), 0, 0});
     }
-    auto x32 = x.reshape({-1, k_len}).to(at::kFloat).contiguous();
-    switch (weight.scalar_type()) {
-        case at::kFloat: dispatch_out<float, float>(weight, bias, x32, out); break;
-        case at::kBFloat16: dispatch_out<at::BFloat16, float>(weight, bias, x32, out); break;
-        case at::kHalf: dispatch_out<at::Half, float>(weight, bias, x32, out); break;
+    if (m == 0) return outs;
+    const at::ScalarType otype = x.scalar_type();
+    if (kDot && wtype == at::kBFloat16 && otype == at::kBFloat16) {
+        const torch::Tensor xs = x.contiguous();
+        dispatch_out<at::BFloat16, at::BFloat16>(jobs, xs.data_ptr<at::BFloat16>(), m, k_len, otype);
+        return outs;
+    }
+    const torch::Tensor x32 = otype == at::kFloat && x.is_contiguous() ? x : x.to(at::kFloat).contiguous();
+    const float* xp = x32.data_ptr<float>();
+    switch (wtype) {
+        case at::kFloat: dispatch_out<float, float>(jobs, xp, m, k_len, otype); break;
+        case at::kBFloat16: dispatch_out<at::BFloat16, float>(jobs, xp, m, k_len, otype); break;
+        case at::kHalf: dispatch_out<at::Half, float>(jobs, xp, m, k_len, otype); break;
         default: TORCH_CHECK(false, "decode_linear: weight dtype must be float32, bfloat16 or float16");
     }
-    return out;
+    return outs;
+}
+
+torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
+    return linears(x, {weight}, {bias})[0];
 }
 
 void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
@@ -313,6 +357,8 @@ void register_decode_ops(pybind11::module& m);  // decode_ops.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     register_decode_ops(m);
     m.def("linear", &linear, "x W^T + b for a few rows", py::arg("x"), py::arg("weight"), py::arg("bias") = py::none());
+    m.def("linears", &linears, "x W_i^T + b_i for each weight, in one pass", py::arg("x"), py::arg("weights"),
+          py::arg("biases"));
     m.def("supported", &supported);
     m.def("isa", &isa);
     m.def("use_isa", &use_isa);

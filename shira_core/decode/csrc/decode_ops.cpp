@@ -1,12 +1,14 @@
 // The small operations of a Llama-family decode step (shira_core.decode.step), one call each instead of the
-// five to ten PyTorch ops transformers spends on them: RMSNorm with the residual add, rotary embedding, attention
-// of one query per row over the KV cache, and SiLU(gate) * up. Sums run in float32 and round once into the
+// five to ten PyTorch ops transformers spends on them: RMSNorm with the residual add, rotary embedding, and
+// attention of one query per row over the KV cache. Sums run in float32 and round once into the
 // model's dtype. Each row is computed the same way whatever its batchmates, as in decode_linear.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -28,6 +30,53 @@ inline float dot(const float* a, const T* b, int64_t n) {
     return s;
 }
 
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::BFloat16* p) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const at::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// n a multiple of 16.
+template <typename T>
+float dot512(const float* a, const T* b, int64_t n) {
+    __m512 s = _mm512_setzero_ps();
+    for (int64_t d = 0; d < n; d += 16) s = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), s);
+    return _mm512_reduce_add_ps(s);
+}
+
+template <typename T>
+void axpy512(float e, const T* v, float* acc, int64_t n) {
+    const __m512 ev = _mm512_set1_ps(e);
+    for (int64_t d = 0; d < n; d += 16)
+        _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(ev, load16(v + d), _mm512_loadu_ps(acc + d)));
+}
+
+#pragma GCC pop_options
+
+const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                     __builtin_cpu_supports("avx512vl");
+
+// The dot product the ops use: AVX-512 where the CPU has it and n fits, else eight scalar lanes.
+template <typename T>
+inline float vdot(const float* a, const T* b, int64_t n) {
+    if constexpr (!std::is_same_v<T, double>)
+        if (kAvx512 && n % 16 == 0) return dot512(a, b, n);
+    return dot(a, b, n);
+}
+
+template <typename T>
+inline void axpy(float e, const T* v, float* acc, int64_t n) {
+    if constexpr (!std::is_same_v<T, double>)
+        if (kAvx512 && n % 16 == 0) return axpy512(e, v, acc, n);
+    for (int64_t d = 0; d < n; d++) acc[d] += e * f(v[d]);
+}
+
 template <typename T>
 void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, float eps) {
     at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
@@ -35,7 +84,7 @@ void rms_norm_rows(const T* x, const T* w, T* out, int64_t rows, int64_t n, floa
         for (int64_t r = begin; r < end; r++) {
             const T* xr = x + r * n;
             for (int64_t i = 0; i < n; i++) xf[i] = f(xr[i]);
-            const float ss = dot(xf.data(), xr, n);
+            const float ss = vdot(xf.data(), xr, n);
             const float scale = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps);
             // transformers: weight * (x * rsqrt(var + eps)).to(dtype)
             for (int64_t i = 0; i < n; i++) out[r * n + i] = static_cast<T>(f(w[i]) * f(static_cast<T>(f(xr[i]) * scale)));
@@ -78,7 +127,7 @@ void attend(const T* q, const T* k, const T* v, const int64_t* mask, T* out, int
             float top = -INFINITY;
             for (int64_t l = 0; l < len; l++) {
                 if (!m[l]) continue;
-                p[l] = dot(qf.data(), kh + l * ks[2], dim) * scale;
+                p[l] = vdot(qf.data(), kh + l * ks[2], dim) * scale;
                 top = std::max(top, p[l]);
             }
             float total = 0.0f;
@@ -87,24 +136,11 @@ void attend(const T* q, const T* k, const T* v, const int64_t* mask, T* out, int
                 if (!m[l]) continue;
                 const float e = std::exp(p[l] - top);
                 total += e;
-                const T* vl = vh + l * vs[2];
-                for (int64_t d = 0; d < dim; d++) acc[d] += e * f(vl[d]);
+                axpy(e, vh + l * vs[2], acc.data(), dim);
             }
             T* o = out + t * dim;
             const float inv = total > 0.0f ? 1.0f / total : 0.0f;
             for (int64_t d = 0; d < dim; d++) o[d] = static_cast<T>(acc[d] * inv);
-        }
-    });
-}
-
-template <typename T>
-void silu_mul_rows(const T* gate, const T* up, T* out, int64_t n) {
-    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t i = begin; i < end; i++) {
-            // transformers: act_fn(gate) * up, each rounded to the dtype
-            const float g = f(gate[i]);
-            const T act = static_cast<T>(g / (1.0f + std::exp(-g)));
-            out[i] = static_cast<T>(f(act) * f(up[i]));
         }
     });
 }
@@ -165,23 +201,8 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     return out;
 }
 
-// SiLU(gate) * up, elementwise.
-torch::Tensor silu_mul(const torch::Tensor& gate, const torch::Tensor& up) {
-    check_cpu(gate, "gate");
-    check_cpu(up, "up");
-    TORCH_CHECK(gate.sizes() == up.sizes() && gate.scalar_type() == up.scalar_type(),
-                "decode_ops: gate and up must match");
-    auto out = torch::empty_like(gate);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate.scalar_type(), "silu_mul", [&] {
-        silu_mul_rows<scalar_t>(gate.data_ptr<scalar_t>(), up.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
-                                gate.numel());
-    });
-    return out;
-}
-
 void register_decode_ops(pybind11::module& m) {
     m.def("add_rms_norm", &add_rms_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
     m.def("rope", &rope);
     m.def("attention", &attention);
-    m.def("silu_mul", &silu_mul);
 }
