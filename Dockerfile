@@ -41,7 +41,7 @@ COPY shira_core shira_core
 # The kernels (row corrections, decode) depend on shira_core alone, so they are built before the rest is copied:
 # other edits do not rebuild them. Each cache directory is named for its sources' hash; the runtime imports the .so
 # found there. The decode kernel picks AVX-512 or AVX2 when it runs, so the build machine's CPU does not matter.
-RUN python -c "from shira_core.native import main; main()" \
+RUN python -c "from shira_core.kernels import main; main()" \
     && test "$(find /opt/kernels -name '*.so' | wc -l)" -ge 2 \
     && find /opt/kernels -type f ! -name '*.so' -delete
 # The bundled GGUF converted once into a plain float32 checkpoint that the runtime loads directly (SHIRA_BASE_MODEL),

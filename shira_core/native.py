@@ -48,13 +48,3 @@ def _prebuilt(name: str) -> ModuleType | None:
     except ImportError as e:
         log.info("prebuilt kernel %s does not load (%s); rebuilding", path, e)
         return None
-
-
-def main() -> None:
-    """Builds every kernel ahead of serving (make install and the image build call it) and says where each is."""
-    from .batched import kernel
-    from .decode import linear
-
-    logging.basicConfig(level=logging.INFO)
-    for label, module in (("row-correction kernel", kernel.load()), ("decode-linear kernel", linear.load())):
-        print(f"{label}: {module.__file__ if module else 'not available'}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -42,14 +43,24 @@ def load() -> ModuleType | None:
 
 
 class DecodeLinear(nn.Linear):
-    """An nn.Linear whose one-token-per-row passes run the decode kernel (bound by `use_decode_linears`)."""
+    """An nn.Linear whose one-token-per-row passes run the decode kernel (bound by `use_decode_linears`).
+
+    `correction`, when set on a layer, is called as correction(layer, x, out) after every pass and may add to
+    `out` in place: the RowCorrector's per-row corrections for mixed batches. A hook rather than a wrapped
+    forward, so DecodeStep can run q, k and v (or gate and up) in one kernel call and still correct each.
+    """
 
     kernel: ModuleType | None = None
+    correction: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.kernel is not None:
-            return self.kernel.linear(x, self.weight, self.bias)
-        return F.linear(x, self.weight, self.bias)
+            out = self.kernel.linear(x, self.weight, self.bias)
+        else:
+            out = F.linear(x, self.weight, self.bias)
+        if self.correction is not None:
+            self.correction(self, x, out)
+        return out
 
 
 def use_decode_linears(model: nn.Module) -> int:

@@ -118,10 +118,14 @@ class DecodeStep:
         return self._linears(self.head, h)[0][:, -1]
 
     def _linears(self, modules: tuple[nn.Module, ...], h: torch.Tensor) -> list[torch.Tensor]:
-        """Each module's output for h: in one kernel call where they are plain DecodeLinear layers, else through the
-        modules (a RowCorrector's wrapped forward, which corrects rows of other adapter sets, is one)."""
+        """Each module's output for h: in one kernel call where they are DecodeLinear layers without a wrapped forward
+        (each layer's `correction` then runs on its output), else through the modules."""
         if all(type(m) is DecodeLinear and "forward" not in m.__dict__ for m in modules):
-            return self.kernel.linears(h, [m.weight for m in modules], [m.bias for m in modules])
+            outs = self.kernel.linears(h, [m.weight for m in modules], [m.bias for m in modules])
+            for m, out in zip(modules, outs, strict=True):
+                if m.correction is not None:
+                    m.correction(m, h, out)
+            return outs
         return [m(h) for m in modules]
 
     def _append(self, layer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

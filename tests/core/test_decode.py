@@ -166,3 +166,52 @@ def test_models_the_step_does_not_compute_exactly_keep_their_forward():
                                                sliding_window=16)).eval()
     assert DecodeStep.for_model(gpt2) is None
     assert DecodeStep.for_model(mistral) is None
+
+
+@pytest.mark.parametrize("native", [False, True], ids=["torch-products", "native-corrections"])
+def test_mixed_rows_are_corrected_inside_fused_decode_steps(tiny_llama, native):
+    """With the RowCorrector's hooks on DecodeLinear layers, DecodeStep's fused q/k/v and gate/up calls still give each
+    row its own adapter set: the same logits as the set applied to the weights, the row alone."""
+    from random_adapters import random_adapter
+
+    from shira_core.batched import RowCorrector
+
+    model = tiny_llama(seed=3, vocab=64, hidden=64)
+    switcher = Switcher(model)
+    use_decode_linears(model)
+    corrector = RowCorrector(model, switcher, native=native)
+    step = DecodeStep.for_model(model)
+    adapters = [random_adapter(model, f"s{i}", i + 1, std=0.3, mask_seed_step=100) for i in range(2)]
+    plans = [switcher.prepare([(a, 1.0)]) for a in adapters]
+    sets = [0, None, 1]
+    ids = torch.randint(0, 64, (3, 5), generator=torch.Generator().manual_seed(4))
+    token, pos, mask = ids[:, -1], torch.full((3,), 5), torch.ones(3, 6, dtype=torch.long)
+
+    def prefilled(rows: slice):
+        cache = DynamicCache(config=model.config)
+        model(input_ids=ids[rows], cache=cache, use_cache=True)
+        return cache
+
+    with torch.inference_mode():
+        want = []
+        for r, s in enumerate(sets):
+            switcher.apply(plans[s]) if s is not None else switcher.revert()
+            want.append(step(token[r : r + 1], pos[:1], mask[:1], prefilled(slice(r, r + 1)))[0])
+        switcher.revert()
+        caches = [prefilled(slice(r, r + 1)) for r in range(3)]  # each row's cache prefilled under the base
+        for r, s in enumerate(sets):  # as the service prefills a joiner: under its own set
+            switcher.apply(plans[s]) if s is not None else switcher.revert()
+            caches[r] = prefilled(slice(r, r + 1))
+        switcher.revert()
+        cache = DynamicCache(config=model.config)
+        for i, layer in enumerate(cache.layers):
+            layer.lazy_initialization(caches[0].layers[i].keys, caches[0].layers[i].values)
+            layer.keys = torch.cat([c.layers[i].keys for c in caches])
+            layer.values = torch.cat([c.layers[i].values for c in caches])
+        terms = [((corrector.delta(plans[s]),) if s is not None else ()) for s in sets]
+        with corrector.active(corrector.decode_plan(terms)):
+            got = step(token, pos, mask, cache)
+    corrector.close()
+    assert "forward" not in model.model.layers[0].self_attn.q_proj.__dict__  # hooked, not wrapped: still fused
+    for r in range(3):
+        assert torch.allclose(got[r], torch.stack(want)[r], atol=1e-4), (r, (got[r] - want[r]).abs().max())
