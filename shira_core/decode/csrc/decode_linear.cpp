@@ -332,6 +332,7 @@ std::vector<torch::Tensor> linears(const torch::Tensor& x, const std::vector<tor
     }
     if (m == 0) return outs;
     const at::ScalarType otype = x.scalar_type();
+    pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
     if (kDot && wtype == at::kBFloat16 && otype == at::kBFloat16) {
         const torch::Tensor xs = x.contiguous();
         dispatch_out<at::BFloat16, at::BFloat16>(jobs, xs.data_ptr<at::BFloat16>(), m, k_len, otype);

@@ -191,6 +191,7 @@ torch::Tensor attention(const torch::Tensor& q, const torch::Tensor& k, const to
     TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_ops: query heads must be a multiple of kv heads");
     const int64_t rows = q.size(0), q_heads = q.size(1), dim = q.size(2);
     auto out = torch::empty({rows, q_heads * dim}, q.options());
+    pybind11::gil_scoped_release no_gil;
     const int64_t ks[3] = {k.stride(0), k.stride(1), k.stride(2)};
     const int64_t vs[3] = {v.stride(0), v.stride(1), v.stride(2)};
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "attention", [&] {
