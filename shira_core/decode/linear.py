@@ -1,10 +1,12 @@
-"""Decode-step Linear layers on the CPU, through the native kernel in csrc/decode_linear.cpp.
+"""Linear layers for serving on the CPU, through the native kernel in csrc/decode_linear.cpp.
 
 `use_decode_linears(model)` turns a model's nn.Linear modules into DecodeLinear, a subclass whose forward runs the
-kernel when a pass carries one token per row without autograd (a decode step), and nn.Linear's own forward
-otherwise (prefill, training, CUDA). The weights are read where they are, so the Switcher's in-place scatters and
-the RowCorrector's wrapped forwards work unchanged. A row's output does not depend on its batchmates (see the
-source), so a batched decode equals decoding alone bit for bit; it differs from PyTorch's GEMV in the last bits.
+kernel whenever autograd is off (decode steps and prefills), and nn.Linear's own forward otherwise (training). The
+weights are read where they are, so the Switcher's in-place scatters and the RowCorrector's corrections work
+unchanged. A row's output does not depend on the other rows of the pass (see the source), so a batched request
+equals the same request alone bit for bit; it differs from PyTorch's products in the last bits. On SmolLM2-135M
+(2 cores) a 44-token prefill took 116 ms against PyTorch's 191 (fp32) and 62 against 90 (bf16); at 200 tokens
+the two were even.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def load() -> ModuleType | None:
 
 
 class DecodeLinear(nn.Linear):
-    """An nn.Linear whose one-token-per-row passes run the decode kernel (bound by `use_decode_linears`).
+    """An nn.Linear whose passes without autograd run the decode kernel (bound by `use_decode_linears`).
 
     `correction`, when set on a layer, is called as correction(layer, x, out) after every pass and may add to
     `out` in place: the RowCorrector's per-row corrections for mixed batches. A hook rather than a wrapped
@@ -54,7 +56,7 @@ class DecodeLinear(nn.Linear):
     correction: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3 and x.shape[1] == 1 and not torch.is_grad_enabled() and self.kernel is not None:
+        if not torch.is_grad_enabled() and self.kernel is not None:
             out = self.kernel.linear(x, self.weight, self.bias)
         else:
             out = F.linear(x, self.weight, self.bias)

@@ -30,23 +30,37 @@ GROWTH = 64  # cache columns added when a buffer is full
 
 
 @dataclass(frozen=True)
+class _Linears:
+    """Linear modules that share an input, with their weights and biases looked up once (the Parameter objects
+    stay the same when the Switcher re-homes their data)."""
+
+    modules: tuple[nn.Module, ...]
+    weights: list[torch.Tensor]
+    biases: list[torch.Tensor | None]
+
+    @classmethod
+    def of(cls, *modules: nn.Module) -> _Linears:
+        return cls(modules, [m.weight for m in modules], [m.bias for m in modules])
+
+
+@dataclass(frozen=True)
 class _Layer:
     """One decoder layer's parts, looked up once: (weight, eps) of each norm, and the Linear modules by input."""
 
     attn_norm: tuple[torch.Tensor, float]
-    qkv: tuple[nn.Module, nn.Module, nn.Module]
-    o: tuple[nn.Module]
+    qkv: _Linears
+    o: _Linears
     mlp_norm: tuple[torch.Tensor, float]
-    gate_up: tuple[nn.Module, nn.Module]
-    down: tuple[nn.Module]
+    gate_up: _Linears
+    down: _Linears
 
     @classmethod
     def of(cls, layer: nn.Module) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         return cls((layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon),
-                   (attn.q_proj, attn.k_proj, attn.v_proj), (attn.o_proj,),
+                   _Linears.of(attn.q_proj, attn.k_proj, attn.v_proj), _Linears.of(attn.o_proj),
                    (layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon),
-                   (mlp.gate_proj, mlp.up_proj), (mlp.down_proj,))
+                   _Linears.of(mlp.gate_proj, mlp.up_proj), _Linears.of(mlp.down_proj))
 
 
 class DecodeStep:
@@ -63,7 +77,7 @@ class DecodeStep:
         self.scale = self.head_dim**-0.5
         self.layers = [_Layer.of(layer) for layer in self.inner.layers]
         self.final_norm = (self.inner.norm.weight, self.inner.norm.variance_epsilon)
-        self.head = (model.lm_head,)
+        self.head = _Linears.of(model.lm_head)
         # cache layer -> (key buffer, value buffer, the keys and values views last handed to it)
         self._buffers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -117,11 +131,12 @@ class DecodeStep:
         h = k.add_rms_norm(x, residual, *self.final_norm)
         return self._linears(self.head, h)[0][:, -1]
 
-    def _linears(self, modules: tuple[nn.Module, ...], h: torch.Tensor) -> list[torch.Tensor]:
+    def _linears(self, group: _Linears, h: torch.Tensor) -> list[torch.Tensor]:
         """Each module's output for h: in one kernel call where they are DecodeLinear layers without a wrapped forward
         (each layer's `correction` then runs on its output), else through the modules."""
+        modules = group.modules
         if all(type(m) is DecodeLinear and "forward" not in m.__dict__ for m in modules):
-            outs = self.kernel.linears(h, [m.weight for m in modules], [m.bias for m in modules])
+            outs = self.kernel.linears(h, group.weights, group.biases)
             for m, out in zip(modules, outs, strict=True):
                 if m.correction is not None:
                     m.correction(m, h, out)
@@ -145,8 +160,8 @@ class DecodeStep:
                 layer.lazy_initialization(key[:, :, None], value[:, :, None])
         else:
             kbuf, vbuf = held[0], held[1]
-        kbuf[:, :, length] = key
-        vbuf[:, :, length] = value
-        layer.keys, layer.values = kbuf[:, :, : length + 1], vbuf[:, :, : length + 1]
+        kbuf.select(2, length).copy_(key)
+        vbuf.select(2, length).copy_(value)
+        layer.keys, layer.values = kbuf.narrow(2, 0, length + 1), vbuf.narrow(2, 0, length + 1)
         self._buffers[layer] = (kbuf, vbuf, layer.keys, layer.values)
         return layer.keys, layer.values

@@ -55,6 +55,13 @@ def test_each_row_is_the_same_alone_and_in_any_batch(kernel, dtype):
     for i in range(11):
         assert torch.equal(kernel.linear(x[i : i + 1], w, None), together[i : i + 1])
     assert torch.equal(kernel.linear(x[2:7], w, None), together[2:7])
+    # a prefill: 3 prompts of 50 tokens, rows in chunks of 64 (one chunk ends mid-prompt)
+    prompts = torch.randn(3, 50, 200, generator=gen).to(dtype)
+    batched = kernel.linear(prompts, w, None)
+    assert batched.shape == (3, 50, 300)
+    for i in range(3):
+        assert torch.equal(kernel.linear(prompts[i : i + 1], w, None), batched[i : i + 1])
+    assert torch.equal(kernel.linear(prompts[1, 7:8], w, None), batched[1, 7:8])
 
 
 def test_wrong_inputs_are_refused_with_the_reason(kernel):
@@ -66,7 +73,7 @@ def test_wrong_inputs_are_refused_with_the_reason(kernel):
         kernel.linear(torch.zeros(1, 1, 4, dtype=torch.float64), torch.zeros(6, 4, dtype=torch.float64), None)
 
 
-def test_decode_linears_run_one_token_passes_and_see_writes_into_the_switchers_buffer(tiny_llama):
+def test_decode_linears_run_without_autograd_and_see_writes_into_the_switchers_buffer(tiny_llama):
     model = tiny_llama(hidden=64)
     assert use_decode_linears(model) == 15  # 7 a layer, and the lm_head
     lin = model.model.layers[0].mlp.up_proj
@@ -82,7 +89,7 @@ def test_decode_linears_run_one_token_passes_and_see_writes_into_the_switchers_b
     assert not torch.equal(base, changed) and torch.equal(base[..., :5], changed[..., :5])
     assert torch.allclose(changed[..., 5] - base[..., 5], x[:, :, 7], atol=1e-5)
     assert switcher.names  # bound over the DecodeLinear weights
-    # With autograd on, or more than one token per row, nn.Linear's own forward runs (exactly PyTorch's product).
+    # With autograd on (training), nn.Linear's own forward runs: exactly PyTorch's product.
     x2 = torch.randn(2, 3, 64)
     assert torch.equal(lin(x2), F.linear(x2, lin.weight))
     y = lin(x)

@@ -271,12 +271,24 @@ void run(std::vector<Job>& jobs, const X* x, int64_t m, int64_t k_len) {
     });
 }
 
+// Rows in chunks of kChunk (a prefill's tokens): each chunk's inputs stay in L2 while every weight streams past.
+constexpr int64_t kChunk = 64;
+
+template <typename W, typename X, typename O>
+void run_chunks(const std::vector<Job>& jobs, const X* x, int64_t m, int64_t k_len) {
+    for (int64_t r0 = 0; r0 < m; r0 += kChunk) {
+        std::vector<Job> chunk = jobs;
+        for (auto& job : chunk) job.out = static_cast<O*>(job.out) + r0 * job.n_out;
+        run<W, X, O>(chunk, x + r0 * k_len, std::min(kChunk, m - r0), k_len);
+    }
+}
+
 template <typename W, typename X>
 void dispatch_out(std::vector<Job>& jobs, const X* x, int64_t m, int64_t k_len, at::ScalarType out) {
     switch (out) {
-        case at::kFloat: run<W, X, float>(jobs, x, m, k_len); break;
-        case at::kBFloat16: run<W, X, at::BFloat16>(jobs, x, m, k_len); break;
-        case at::kHalf: run<W, X, at::Half>(jobs, x, m, k_len); break;
+        case at::kFloat: run_chunks<W, X, float>(jobs, x, m, k_len); break;
+        case at::kBFloat16: run_chunks<W, X, at::BFloat16>(jobs, x, m, k_len); break;
+        case at::kHalf: run_chunks<W, X, at::Half>(jobs, x, m, k_len); break;
         default: TORCH_CHECK(false, "decode_linear: output dtype must be float32, bfloat16 or float16");
     }
 }
