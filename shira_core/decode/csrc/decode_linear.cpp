@@ -44,6 +44,25 @@ inline __m512 load16<at::Half>(const at::Half* p, __mmask16 m) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
 }
 
+// The accumulators of a tile, zeroed; and each one's sum (reduced the same way in every tile) plus the bias, stored.
+template <int NO, int NR>
+inline void zero512(__m512 (&acc)[NO][NR]) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NO; i++)
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+}
+
+template <typename O, typename W, int NO, int NR>
+inline void store512(__m512 (&acc)[NO][NR], O* out, int64_t n_out, const W* bias) {
+#pragma GCC unroll 8
+    for (int i = 0; i < NO; i++) {
+        const float b = bias ? static_cast<float>(bias[i]) : 0.0f;
+#pragma GCC unroll 8
+        for (int j = 0; j < NR; j++) Out<O>::store(out + j * n_out + i, _mm512_reduce_add_ps(acc[i][j]) + b);
+    }
+}
+
 // One k-chunk of 16 for NO weight rows and NR batch rows (m: the lanes in range).
 template <typename W, int NO, int NR>
 inline void step512(const W* w, int64_t k_len, const float* x, int64_t k, __mmask16 m, __m512 (&acc)[NO][NR]) {
@@ -64,19 +83,11 @@ inline void step512(const W* w, int64_t k_len, const float* x, int64_t k, __mmas
 template <typename W, typename O, int NO, int NR>
 void tile512(const W* w, int64_t k_len, const float* x, O* out, int64_t n_out, const W* bias) {
     __m512 acc[NO][NR];
-#pragma GCC unroll 8
-    for (int i = 0; i < NO; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    zero512(acc);
     const int64_t body = k_len / 16 * 16;
     for (int64_t k = 0; k < body; k += 16) step512<W, NO, NR>(w, k_len, x, k, 0xFFFF, acc);
     if (body < k_len) step512<W, NO, NR>(w, k_len, x, body, static_cast<__mmask16>((1u << (k_len - body)) - 1), acc);
-#pragma GCC unroll 8
-    for (int i = 0; i < NO; i++) {
-        const float b = bias ? static_cast<float>(bias[i]) : 0.0f;
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) Out<O>::store(out + j * n_out + i, _mm512_reduce_add_ps(acc[i][j]) + b);
-    }
+    store512(acc, out, n_out, bias);
 }
 
 #pragma GCC pop_options
@@ -160,19 +171,11 @@ template <typename O, int NO, int NR>
 void tile_dot(const at::BFloat16* w, int64_t k_len, const at::BFloat16* x, O* out, int64_t n_out,
               const at::BFloat16* bias) {
     __m512 acc[NO][NR];
-#pragma GCC unroll 8
-    for (int i = 0; i < NO; i++)
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) acc[i][j] = _mm512_setzero_ps();
+    zero512(acc);
     const int64_t body = k_len / 32 * 32;
     for (int64_t k = 0; k < body; k += 32) step_dot<NO, NR>(w, k_len, x, k, 0xFFFFFFFFu, acc);
     if (body < k_len) step_dot<NO, NR>(w, k_len, x, body, static_cast<__mmask32>((1ull << (k_len - body)) - 1), acc);
-#pragma GCC unroll 8
-    for (int i = 0; i < NO; i++) {
-        const float b = bias ? static_cast<float>(bias[i]) : 0.0f;
-#pragma GCC unroll 8
-        for (int j = 0; j < NR; j++) Out<O>::store(out + j * n_out + i, _mm512_reduce_add_ps(acc[i][j]) + b);
-    }
+    store512(acc, out, n_out, bias);
 }
 
 #pragma GCC pop_options
