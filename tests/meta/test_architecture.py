@@ -99,3 +99,16 @@ def test_no_core_module_touches_another_objects_private_attributes():
             if private and not own and ast.unparse(node) not in PRIVATE_ALLOWED:
                 touched.append(f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
     assert touched == []
+
+
+def test_every_kernel_source_ships_in_the_wheel():
+    """A kernel's name is its sources' hash, so an installed package (the image) needs the .cpp files to find its
+    prebuilt .so: each must match pyproject's package-data."""
+    import fnmatch
+    import json
+    import re
+
+    table = (ROOT / "pyproject.toml").read_text().split("[tool.setuptools.package-data]", 1)[1]
+    globs = json.loads(re.search(r"^shira_core = (\[.*\])$", table, re.M).group(1))  # tomllib is 3.11+
+    sources = [p.relative_to(ROOT / "shira_core").as_posix() for p in (ROOT / "shira_core").rglob("*.cpp")]
+    assert sources and all(any(fnmatch.fnmatch(s, g) for g in globs) for s in sources), (sources, globs)
