@@ -95,9 +95,10 @@ class Engine:
             from shira_core.models import load_base, pick_device, pick_serving_dtype
 
             dtype, why = pick_serving_dtype(self.settings.dtype, pick_device(self.settings.device))
-            log.info("serving in %s (%s)", str(dtype).removeprefix("torch."), why)
+            dtype_name = str(dtype).removeprefix("torch.")
+            log.info("serving in %s (%s)", dtype_name, why)
             self.model, self.tokenizer, source = load_base(
-                self.settings.base_model, self.settings.device, str(dtype).removeprefix("torch."),
+                self.settings.base_model, self.settings.device, dtype_name,
                 self.settings.converted_models_dir()
             )
             self.model_label = source.label

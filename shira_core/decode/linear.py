@@ -71,23 +71,25 @@ class DecodeLinear(nn.Linear):
 
 
 def use_decode_linears(model: nn.Module) -> int:
-    """Makes the model's CPU nn.Linear layers DecodeLinear where the kernel runs here; returns how many it has."""
+    """Makes the model's CPU nn.Linear layers DecodeLinear where the kernel runs here; returns how many it has. A
+    model with no such layer (on CUDA) never loads, or builds, the kernel."""
+    bound = [m for m in model.modules() if type(m) is DecodeLinear]  # bound before (an engine started again)
+    fresh = [m for m in model.modules() if type(m) is nn.Linear and _fits(m)]
+    if not (bound or fresh):
+        return 0
     kernel = load()
     if kernel is None:
         return 0
-    changed = 0
-    for module in model.modules():
-        if type(module) is DecodeLinear:  # bound before (an engine started again)
-            changed += 1
-            continue
-        w = module.weight if type(module) is nn.Linear else None
-        if w is None or w.device.type != "cpu" or w.dtype not in DTYPES or not w.is_contiguous():
-            continue
-        if module.bias is not None and (module.bias.dtype != w.dtype or not module.bias.is_contiguous()):
-            continue
+    for module in fresh:
         module.__class__ = DecodeLinear
-        changed += 1
     DecodeLinear.kernel = kernel
-    if changed:
-        log.info("decode steps run %d Linear layers on the %s decode kernel", changed, kernel.isa())
-    return changed
+    log.info("decode steps run %d Linear layers on the %s decode kernel", len(bound) + len(fresh), kernel.isa())
+    return len(bound) + len(fresh)
+
+
+def _fits(module: nn.Linear) -> bool:
+    """Whether the kernel takes this layer: CPU, a dtype it reads, contiguous weight and bias of one dtype."""
+    w, b = module.weight, module.bias
+    if w.device.type != "cpu" or w.dtype not in DTYPES or not w.is_contiguous():
+        return False
+    return b is None or (b.dtype == w.dtype and b.is_contiguous())

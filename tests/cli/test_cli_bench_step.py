@@ -56,3 +56,10 @@ def test_bench_commands_refuse_a_missing_model_in_one_line(tmp_path, args):
     assert result.exit_code == 2
     assert "nope is neither a .gguf file nor a model directory" in result.output
     assert "Traceback" not in result.output
+
+
+def test_bench_step_refuses_an_unknown_decode_path_in_one_line():
+    result = CliRunner().invoke(app, ["bench", "step", "--model", "random", "--layers", "2", "--decode", "fast"])
+    assert result.exit_code == 2
+    assert "--decode must be native or torch, not 'fast'" in result.output
+    assert "Traceback" not in result.output

@@ -222,3 +222,13 @@ def test_mixed_rows_are_corrected_inside_fused_decode_steps(tiny_llama, native):
     assert "forward" not in model.model.layers[0].self_attn.q_proj.__dict__  # hooked, not wrapped: still fused
     for r in range(3):
         assert torch.allclose(got[r], torch.stack(want)[r], atol=1e-4), (r, (got[r] - want[r]).abs().max())
+
+
+def test_a_model_without_cpu_linears_never_loads_the_kernel(tiny_llama, monkeypatch):
+    """A CUDA model (here: one whose layers the kernel does not take) must not build the kernel at start-up."""
+    from shira_core.decode import linear
+
+    model = tiny_llama().to(torch.float64)  # no layer in a dtype the kernel reads
+    monkeypatch.setattr(linear, "load", lambda: pytest.fail("loaded the kernel for a model it cannot serve"))
+    assert use_decode_linears(model) == 0
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
