@@ -7,7 +7,7 @@ so a correction is a sparse product: out[r] += (W_S - W_M) x[r] for a row r of s
 
 Modules, lowest first (each imports only those above it, and nothing in service/):
     layout.py    which Linear layers are corrected, and where their weights sit in the Switcher's buffers
-    deltas.py    PackedDelta: one set's delta from the base, packed per layer (CSR or the kernel's blocks)
+    deltas.py    PackedDelta: one set's delta from the base, packed per layer (CSR or the kernel's groups)
     plans.py     the correction plans (SegmentPlan, KernelPlan, PrefillPlan)
     segments.py  block-diagonal segments for PyTorch's sparse products
     planner.py   CorrectionPlanner: which plan corrects which rows, cached across steps

@@ -73,8 +73,7 @@ class RowCorrector:
         Raises:
             UnbatchableSetError: the set changes a weight that is not only an nn.Linear weight.
         """
-        block = self._kernel.block if self._kernel is not None else None
-        packed = deltas.pack(plan, self.layout, self.dtype, block)
+        packed = deltas.pack(plan, self.layout, self.dtype, native=self._kernel is not None)
         return packed.negated() if negate else packed
 
     def decode_plan(self, terms: Sequence[Sequence[PackedDelta]], steps: int = 1) -> SegmentPlan | KernelPlan:

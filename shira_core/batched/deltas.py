@@ -2,8 +2,7 @@
 
 d_S = W_S - W0 is sparse (S's indices). It is built once per set straight from the set's ScatterPlan (adapted
 minus original values; every plan saves the same W0 originals) and kept in the one form the corrector reads:
-CSR for PyTorch's sparse products, or the native kernel's blocks (by block of output rows, by column within a
-block).
+CSR for PyTorch's sparse products, or the native kernel's groups (see `grouped`).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ class UnbatchableSetError(ShiraError):
 
 @dataclass
 class LayerEntries:
-    """One layer's entries in one form: CSR for PyTorch's products, or the native kernel's blocks (the other
+    """One layer's entries in one form: CSR for PyTorch's products, or the native kernel's groups (the other
     form's fields are None, so a delta is not held twice)."""
 
     crow: torch.Tensor | None = None  # int32 [out + 1]
@@ -32,13 +31,12 @@ class LayerEntries:
     values: torch.Tensor | None = None  # [nnz]: adapted - original
     matrix: torch.Tensor | None = None  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor | None = None  # int32 [out]: entries per row (crow's differences), for segments
-    # For the native kernel: the entries block by block of output rows, by column within a block (start
-    # int32 [blocks + 1], the row within the block uint8, the column as uint16 bits in int16, the value).
-    blocked: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    # For the native kernel: its five arrays (see `grouped`), values last.
+    groups: tuple[torch.Tensor, ...] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
         """Every array it holds (`matrix` shares the CSR three's storage)."""
-        return [t for t in (self.crow, self.col, self.values, self.counts, *(self.blocked or ())) if t is not None]
+        return [t for t in (self.crow, self.col, self.values, self.counts, *(self.groups or ())) if t is not None]
 
 
 @dataclass(eq=False)
@@ -68,14 +66,14 @@ class PackedDelta:
     @property
     def value_bytes(self) -> int:
         """Bytes of the values alone: what a negated copy holds of its own."""
-        values = [v for d in self.layers.values() for v in (d.values, d.blocked[3] if d.blocked else None)]
+        values = [v for d in self.layers.values() for v in (d.values, d.groups[-1] if d.groups else None)]
         return sum(nbytes(v) for v in values if v is not None)
 
     def negated(self) -> PackedDelta:
         """-delta: new values, the same index arrays (shared, not copied)."""
         layers = {}
         for lid, d in self.layers.items():
-            neg = LayerEntries(blocked=(*d.blocked[:3], d.blocked[3].neg()) if d.blocked is not None else None)
+            neg = LayerEntries(groups=(*d.groups[:-1], d.groups[-1].neg()) if d.groups is not None else None)
             if d.values is not None:
                 neg.crow, neg.col, neg.counts, neg.values = d.crow, d.col, d.counts, d.values.neg()
                 neg.matrix = csr(d.crow, d.col, neg.values, d.matrix.shape)
@@ -84,14 +82,14 @@ class PackedDelta:
 
 
 @torch.no_grad()
-def pack(plan: ScatterPlan, layout: LinearLayout, dtype: torch.dtype, block: int | None) -> PackedDelta:
+def pack(plan: ScatterPlan, layout: LinearLayout, dtype: torch.dtype, native: bool) -> PackedDelta:
     """The plan's adapted weights minus the base weights, per Linear layer of `layout`.
 
     Args:
         plan: the set's scatter plan.
         layout: the corrected layers and where their weights sit in the Switcher's buffers.
         dtype: the dtype of the values.
-        block: the native kernel's block of output rows, or None for the CSR form.
+        native: the native kernel's groups instead of the CSR form.
 
     Raises:
         UnbatchableSetError: the plan changes a weight that is not only used as an nn.Linear weight.
@@ -116,8 +114,8 @@ def pack(plan: ScatterPlan, layout: LinearLayout, dtype: torch.dtype, block: int
             row, col = local // layer.in_features, local % layer.in_features
             vals = values[pos : pos + n]
             shape = (layer.out_features, layer.in_features)
-            if block is not None:
-                layers[lid] = LayerEntries(blocked=blocked(row, col, vals, shape, block))
+            if native:
+                layers[lid] = LayerEntries(groups=grouped(row, col, vals, shape))
             else:
                 crow = torch.zeros(layer.out_features + 1, dtype=torch.int64)
                 crow[1:] = torch.bincount(row, minlength=layer.out_features).cumsum(0)
@@ -138,13 +136,58 @@ def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tupl
         return torch.sparse_csr_tensor(crow, col, values, shape)
 
 
-def blocked(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int],
-            block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A layer's entries in the native kernel's layout: by block of `block` output rows, then by column."""
-    n_blocks = (shape[0] + block - 1) // block
-    which = row // block
-    order = torch.argsort(which * shape[1] + col, stable=True)
-    start = torch.zeros(n_blocks + 1, dtype=torch.int64)
-    start[1:] = torch.bincount(which, minlength=n_blocks).cumsum(0)
-    local = (row % block)[order].to(torch.uint8)
-    return start.to(torch.int32), local, col[order].to(torch.int16), values[order].contiguous()
+# The native kernel's layout (csrc/row_corrections.cpp): output rows by window of WINDOW (a thread's unit of
+# work), and within a window, pieces of at most PIECE entries of one row, sorted by length and taken GROUP at a
+# time, their entries interleaved. Cutting rows bounds the padding a group of uneven rows needs (a struct mask's
+# full rows beside its column entries); sorting puts pieces of like length together.
+WINDOW = 64
+GROUP = 4
+PIECE = 32
+
+
+def grouped(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
+            ) -> tuple[torch.Tensor, ...]:
+    """A layer's entries in the native kernel's layout: (windows, start, lane, col, values).
+
+    windows int32 [n_windows + 1] is each window's first group; start int32 [groups + 1] each group's first entry;
+    lane uint8 [groups * GROUP] each piece's row within its window (WINDOW: an empty lane); col (uint16 bits in
+    int16) and values the entries, the j-th of each piece of a group in turn, padded with (0, 0.0) to the group's
+    longest piece.
+    """
+    n_out, n_in = shape
+    order = torch.argsort(row * n_in + col)  # by row, then column
+    row, col, values = row[order], col[order], values[order]
+    counts = torch.bincount(row, minlength=n_out)
+    pieces = (counts + PIECE - 1) // PIECE  # per row
+    piece_row = torch.repeat_interleave(torch.arange(n_out), pieces)
+    first_piece = pieces.cumsum(0) - pieces  # each row's first piece
+    nth = torch.arange(piece_row.numel()) - first_piece[piece_row]  # a piece's place in its row
+    length = torch.clamp(counts[piece_row] - nth * PIECE, max=PIECE)
+    window = piece_row // WINDOW
+    by_length = torch.argsort(window * (PIECE + 1) + PIECE - length, stable=True)  # window, then longest first
+    place = torch.empty_like(by_length)
+    place[by_length] = torch.arange(by_length.numel())  # each piece's position in that order
+    n_windows = (n_out + WINDOW - 1) // WINDOW
+    per_window = torch.bincount(window, minlength=n_windows)
+    rank = place - (per_window.cumsum(0) - per_window)[window]  # its position within its window
+    group_count = (per_window + GROUP - 1) // GROUP
+    windows = torch.zeros(n_windows + 1, dtype=torch.int64)
+    windows[1:] = group_count.cumsum(0)
+    group = windows[window] + rank // GROUP
+    slot = rank % GROUP
+    n_groups = int(windows[-1])
+    width = torch.zeros(n_groups, dtype=torch.int64).scatter_reduce(0, group, length, "amax")
+    start = torch.zeros(n_groups + 1, dtype=torch.int64)
+    start[1:] = (width * GROUP).cumsum(0)
+    lane = torch.full((n_groups * GROUP,), WINDOW, dtype=torch.uint8)
+    lane[group * GROUP + slot] = (piece_row % WINDOW).to(torch.uint8)
+    crow = counts.cumsum(0) - counts
+    j = torch.arange(row.numel()) - crow[row]  # each entry's place in its row
+    piece = first_piece[row] + j // PIECE
+    dest = start[group[piece]] + (j % PIECE) * GROUP + slot[piece]
+    n = int(start[-1])
+    cols = torch.zeros(n, dtype=torch.int16)
+    cols[dest] = col.to(torch.int16)
+    vals = torch.zeros(n, dtype=values.dtype)
+    vals[dest] = values
+    return windows.to(torch.int32), start.to(torch.int32), lane, cols, vals

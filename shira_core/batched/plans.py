@@ -40,7 +40,7 @@ class KernelPlan:
     copies nothing, and holds the deltas so those arrays outlive it."""
 
     rows: int
-    terms: torch.Tensor  # int64 [deltas, layers, 4]: the addresses of a delta's blocked arrays (0: none there)
+    terms: torch.Tensor  # int64 [deltas, layers, 5]: the addresses of a delta's kernel arrays (0: none there)
     row_table: torch.Tensor  # int64: deltas + 1 offsets into the rest, then each delta's rows
     used: list[bool]  # per layer: whether any delta has entries there
     deltas: tuple[PackedDelta, ...]

@@ -9,6 +9,7 @@ import torch
 from random_adapters import random_adapter
 
 from shira_core.batched import RowCorrector, UnbatchableSetError
+from shira_core.batched.deltas import GROUP, WINDOW
 from shira_core.delta import SparseAdapter, SparseDelta
 from shira_core.switcher import Switcher
 
@@ -331,15 +332,21 @@ def test_a_set_that_changes_a_tied_embedding_cannot_be_a_guest(bound):
         corrector.delta(switcher.prepare([(emb, 1.0)], label="emb"))
 
 
-def _dense(d, shape: tuple[int, int], block: int) -> torch.Tensor:
+def _dense(d, shape: tuple[int, int]) -> torch.Tensor:
     """A layer delta's entries as a dense [out, in] matrix, from whichever form it holds."""
-    if d.blocked is None:
+    if d.groups is None:
         return d.matrix.to_dense()
-    start, local, col, values = d.blocked
-    counts = start.diff().long()
-    rows = torch.repeat_interleave(torch.arange(counts.numel()), counts) * block + local.long()
+    windows, start, lane, col, values = d.groups
+    assert len(windows) == (shape[0] + WINDOW - 1) // WINDOW + 1
+    group_window = torch.repeat_interleave(torch.arange(len(windows) - 1), windows.diff().long())
+    entry_group = torch.repeat_interleave(torch.arange(len(start) - 1), start.diff().long())
+    slot = (torch.arange(len(col)) - start.long()[entry_group]) % GROUP  # the j-th entry of each piece in turn
+    local = lane.long()[entry_group * GROUP + slot]
+    real = local < WINDOW
+    assert not values[~real].any()  # empty lanes pad with zeros
+    rows = group_window[entry_group] * WINDOW + local
     dense = torch.zeros(shape)
-    dense[rows, col.long() & 0xFFFF] = values
+    dense.index_put_((rows[real], col.long()[real] & 0xFFFF), values[real], accumulate=True)
     return dense
 
 
@@ -351,22 +358,24 @@ def test_delta_holds_exactly_the_plan_entries_in_one_form(bound):
     switcher.apply(plans[3])
     adapted = {layer.name: params[layer.name].detach().clone() for layer in corrector.layers}
     switcher.revert()
-    entries = 0
+    entries = slots = 0
     for lid, d in delta.layers.items():
         name = corrector.layers[lid].name
         shape = tuple(params[name].shape)
-        block = corrector._kernel.block if corrector.native else 0
-        torch.testing.assert_close(_dense(d, shape, block), adapted[name] - params[name].detach(), rtol=0, atol=1e-6)
-        entries += d.blocked[3].numel() if corrector.native else d.col.numel()
-        if corrector.native:  # the kernel's blocks only: no CSR copy beside them
+        dense = _dense(d, shape)
+        torch.testing.assert_close(dense, adapted[name] - params[name].detach(), rtol=0, atol=1e-6)
+        entries += int((dense != 0).sum())
+        if corrector.native:  # the kernel's groups only: no CSR copy beside them
             assert d.crow is None and d.col is None and d.values is None and d.matrix is None
+            slots += d.groups[-1].numel()
         else:
-            assert d.blocked is None and d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
+            assert d.groups is None and d.crow.dtype == torch.int32 and int(d.crow[-1]) == d.col.numel()
     assert delta.nnz == plans[3].nnz == entries
     assert delta.nbytes == sum(t.numel() * t.element_size() for d in delta.layers.values() for t in d.tensors())
-    if corrector.native:  # 7 bytes an entry (uint8 row, uint16 column, fp32 value) and the block starts
+    if corrector.native:  # 6 bytes a slot (uint16 column, fp32 value), padding a small part, and the group tables
         assert delta.entry_bytes == delta.pointer_bytes == 0
-        assert 7 * entries <= delta.nbytes < 8 * entries
+        assert entries <= slots < 1.5 * entries
+        assert 6 * slots < delta.nbytes < 8 * slots
 
 
 @pytest.mark.parametrize("bound", [False, True], ids=["torch", "native"], indirect=True)
@@ -375,10 +384,9 @@ def test_a_negated_delta_undoes_the_delta(bound):
     delta, negated = corrector.delta(plans[3]), corrector.delta(plans[3], negate=True)
     assert delta.layers.keys() == negated.layers.keys() and negated.nnz == delta.nnz
     params = dict(model.named_parameters())
-    block = corrector._kernel.block if corrector.native else 0
     for lid, d in delta.layers.items():
         shape = tuple(params[corrector.layers[lid].name].shape)
-        torch.testing.assert_close(_dense(negated.layers[lid], shape, block), -_dense(d, shape, block))
+        torch.testing.assert_close(_dense(negated.layers[lid], shape), -_dense(d, shape))
     twin = delta.negated()  # shares the index arrays: only the values are its own
     for lid, d in delta.layers.items():
         mine, its = d.tensors(), twin.layers[lid].tensors()

@@ -1,9 +1,18 @@
 // Row corrections for one Linear layer in a forward pass (a decode step or a prefill), on the CPU.
 //
-// out[r] += delta @ x[r] for every term (a set's sparse delta for this layer) and each row r the term applies
-// to. A term's entries are read once for all its rows, so rows that share a set share the work, with uint8 rows
-// and uint16 columns (7 bytes per entry). On a 2-core CPU it is bound by instructions, not memory (~2 ns per
-// entry and thread, ~1.5 GB/s of a 20 GB/s bus), so the layout is chosen for a short loop: see kBlock.
+// out[r] += delta @ x[r] for every term (a set's sparse delta for this layer) and each row r it applies to. The
+// corrected token rows (a decode step's batch rows, or every token of a prefill's) run as the eight lanes of one
+// vector, from their inputs transposed (xt[c * 8 + lane]): an entry costs one vector multiply-add for eight rows,
+// whichever terms they carry, where a scalar loop costs one per entry and row. A term's sums are masked to its
+// own lanes once per group of entries, not per entry.
+//
+// A delta is stored for this loop (shira_core.batched.deltas.grouped):
+//   - by window of kWindow output rows: threads split the windows; a window's sums are 65 vectors (2 KB);
+//   - within a window, in groups of kGroup row pieces (rows cut every 32 entries, pieces sorted by length), their
+//     entries interleaved: the j-th entry of each piece in turn. A group sums into four registers, four
+//     independent chains, and writes them once. An entry is three loads and a multiply-add for all eight rows.
+//     The layout before (one entry at a time, by column within a block, into sums in memory) ran one scalar
+//     loop per row: 8 rows over 5 sets of SmolLM2-135M cost ~7 ms a decode step, ~5 ms now.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -14,132 +23,224 @@
 
 namespace {
 
-// Output rows per block. A term's entries are stored block by block, sorted by column within a block, so the
-// loop over a block's entries runs straight through: no per-row loop to mispredict the end of (a 1%-dense row of
-// SmolLM2-135M has ~6 entries), and consecutive entries add into different outputs, so no add waits on the one
-// before. A block's local row fits a byte, and its outputs stay in L1.
-constexpr int64_t kBlock = 64;
-
-struct Term {
-    const int32_t* start;  // [blocks + 1]: where each block's entries begin
-    const uint8_t* row;    // [nnz]: the output row within the block
-    const uint16_t* col;   // [nnz]: the input column
-    const float* val;      // [nnz]
-    const int64_t* rows;   // the m batch rows it applies to
-    int64_t m;
-};
-
-// M batch rows of one term in block b: each entry is loaded once and used M times.
-template <int M>
-void block_rows(const Term& t, const int64_t* rows, const float* x, float* out, int64_t n_in, int64_t n_out,
-                int64_t b) {
-    const float* xs[M];
-    float* os[M];
-    for (int j = 0; j < M; j++) {
-        xs[j] = x + rows[j] * n_in;
-        os[j] = out + rows[j] * n_out + b * kBlock;
-    }
-    const int32_t end = t.start[b + 1];
-    for (int32_t k = t.start[b]; k < end; k++) {
-        const float v = t.val[k];
-        const uint16_t c = t.col[k];
-        const uint8_t r = t.row[k];
-        for (int j = 0; j < M; j++) os[j][r] += v * xs[j][c];
-    }
-}
-
-void apply_term(const Term& t, const float* x, float* out, int64_t n_in, int64_t n_out, int64_t b) {
-    const int64_t* rows = t.rows;
-    int64_t left = t.m;
-    for (; left >= 8; left -= 8, rows += 8) block_rows<8>(t, rows, x, out, n_in, n_out, b);
-    if (left >= 4) {
-        block_rows<4>(t, rows, x, out, n_in, n_out, b);
-        left -= 4;
-        rows += 4;
-    }
-    if (left == 3) block_rows<3>(t, rows, x, out, n_in, n_out, b);
-    if (left == 2) block_rows<2>(t, rows, x, out, n_in, n_out, b);
-    if (left == 1) block_rows<1>(t, rows, x, out, n_in, n_out, b);
-}
+constexpr int64_t kWindow = 64;
+constexpr int64_t kGroup = 4;
+constexpr int kLanes = 8;
+// A layer with fewer entry visits than this runs on the calling thread: waking the others costs more (~5 us).
+constexpr int64_t kInline = 16384;
+// How far ahead of a group its term's arrays are prefetched, in entries (2 KB of values). The arrays stream from
+// memory (a step's deltas are ~6x the L2), and a group's loads wait on each other: column, input, sum.
+constexpr int64_t kAhead = 512;
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
+typedef uint16_t h8v __attribute__((vector_size(16)));
 
-// Eight token rows (lanes) of a term in block b, from their inputs transposed (xt[c * 8 + lane]): one vector
-// multiply-add per entry for all eight, where block_rows costs a scalar one per entry and row.
-__attribute__((target_clones("avx2", "default")))
-void block_lanes(const Term& t, const float* xt, float* const* outs, int lanes, int64_t n_out, int64_t b) {
-    v8 acc[kBlock] = {};
-    const int32_t end = t.start[b + 1];
-    for (int32_t k = t.start[b]; k < end; k++) {
-        v8 xv;
-        std::memcpy(&xv, xt + 8 * static_cast<int64_t>(t.col[k]), sizeof xv);
-        acc[t.row[k]] += t.val[k] * xv;
+struct Term {
+    const int32_t* windows;  // [windows + 1]: each window's first group
+    const int32_t* start;    // [groups + 1]: each group's first entry
+    const uint8_t* lane;     // [groups * kGroup]: each piece's row within its window (kWindow: an empty lane)
+    const uint16_t* col;     // [entries]: the input column (0 for padding)
+    const float* val;        // [entries]: the value (0 for padding)
+    const int64_t* rows;     // the m batch rows it applies to
+    int64_t m;
+};
+
+__attribute__((always_inline)) inline v8 load8(const float* p) {
+    v8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+__attribute__((always_inline)) inline void store8(float* p, v8 v) { std::memcpy(p, &v, sizeof v); }
+
+// Eight consecutive values of a row as fp32.
+__attribute__((always_inline)) inline v8 row8(const float* p) { return load8(p); }
+
+__attribute__((always_inline)) inline v8 row8(const at::BFloat16* p) {
+    h8v h;
+    std::memcpy(&h, p, sizeof h);
+    return (v8)(__builtin_convertvector(h, u8v) << 16);
+}
+
+__attribute__((always_inline)) inline v8 row8(const at::Half* p) {
+    v8 v;
+    for (int i = 0; i < 8; i++) v[i] = static_cast<float>(p[i]);
+    return v;
+}
+
+// p[0..8) += v, each sum rounded once into the row's dtype (bf16: to nearest even, as c10::BFloat16 rounds).
+__attribute__((always_inline)) inline void add8(float* p, v8 v) { store8(p, load8(p) + v); }
+
+__attribute__((always_inline)) inline void add8(at::BFloat16* p, v8 v) {
+    const v8 f = row8(p) + v;
+    const u8v u = (u8v)f;
+    u8v r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    const i8v nan = f != f;
+    r = (u8v)(((i8v)r & ~nan) | (nan & 0x7FC0));
+    const h8v h = __builtin_convertvector(r, h8v);
+    std::memcpy(p, &h, sizeof h);
+}
+
+__attribute__((always_inline)) inline void add8(at::Half* p, v8 v) {
+    for (int i = 0; i < 8; i++) p[i] = static_cast<at::Half>(static_cast<float>(p[i]) + v[i]);
+}
+
+// a[i][j] -> a[j][i] for eight vectors of eight (three rounds of shuffles).
+__attribute__((always_inline)) inline void transpose8(v8* a) {
+    v8 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shuffle(a[i], a[i + 1], i8v{0, 8, 1, 9, 4, 12, 5, 13});
+        t[i + 1] = __builtin_shuffle(a[i], a[i + 1], i8v{2, 10, 3, 11, 6, 14, 7, 15});
     }
-    // acc is [row][lane]; the outputs are [lane][row]: transpose eight rows at a time (three rounds of shuffles)
-    // and add whole vectors, where a scalar add per output costs more than the entries themselves.
-    const int64_t n = std::min(kBlock, n_out - b * kBlock);
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shuffle(t[i], t[i + 2], i8v{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 1] = __builtin_shuffle(t[i], t[i + 2], i8v{2, 3, 10, 11, 6, 7, 14, 15});
+        u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{0, 1, 8, 9, 4, 5, 12, 13});
+        u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{2, 3, 10, 11, 6, 7, 14, 15});
+    }
+    for (int j = 0; j < 4; j++) {
+        a[j] = __builtin_shuffle(u[j], u[j + 4], i8v{0, 1, 2, 3, 8, 9, 10, 11});
+        a[j + 4] = __builtin_shuffle(u[j], u[j + 4], i8v{4, 5, 6, 7, 12, 13, 14, 15});
+    }
+}
+
+// xt[c * 8 + j] = x[flat[j]][c] in fp32, for the chunk's `lanes` token rows (zeros in the lanes past them).
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void transpose_in(const T* x, const int64_t* flat, int lanes, int64_t n_in, float* xt) {
+    const T* xs[kLanes];
+    for (int j = 0; j < kLanes; j++) xs[j] = x + flat[std::min(j, lanes - 1)] * n_in;
+    int64_t c = 0;
+    for (; c + 8 <= n_in; c += 8) {
+        v8 a[8];
+        for (int j = 0; j < 8; j++) a[j] = j < lanes ? row8(xs[j] + c) : v8{};
+        transpose8(a);
+        for (int i = 0; i < 8; i++) store8(xt + (c + i) * 8, a[i]);
+    }
+    for (; c < n_in; c++)
+        for (int j = 0; j < kLanes; j++) xt[c * 8 + j] = j < lanes ? static_cast<float>(xs[j][c]) : 0.0f;
+}
+
+// The term's groups in window w, summed over the eight lanes and added to acc[row within the window], masked to
+// the lanes the term applies to (a masked lane sums another row's inputs; the mask drops it, NaN included).
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void window_sums(const Term& t, const float* xt, const int32_t* lanes, v8* acc, int64_t w) {
+    i8v mask;
+    std::memcpy(&mask, lanes, sizeof mask);  // a std::vector does not align it for a vector load
+    const int32_t* start = t.start;
+    const uint16_t* col = t.col;
+    const float* val = t.val;
+    for (int32_t g = t.windows[w]; g < t.windows[w + 1]; g++) {
+        v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+        __builtin_prefetch(val + start[g] + kAhead);  // a group reads ~1.5 lines of values, ~0.8 of columns
+        __builtin_prefetch(val + start[g] + kAhead + 16);
+        __builtin_prefetch(col + start[g] + kAhead);
+        for (int32_t e = start[g]; e < start[g + 1]; e += kGroup) {
+            a0 += val[e] * load8(xt + 8 * static_cast<int64_t>(col[e]));
+            a1 += val[e + 1] * load8(xt + 8 * static_cast<int64_t>(col[e + 1]));
+            a2 += val[e + 2] * load8(xt + 8 * static_cast<int64_t>(col[e + 2]));
+            a3 += val[e + 3] * load8(xt + 8 * static_cast<int64_t>(col[e + 3]));
+        }
+        const uint8_t* lane = t.lane + kGroup * static_cast<int64_t>(g);
+        acc[lane[0]] += (v8)((i8v)a0 & mask);
+        acc[lane[1]] += (v8)((i8v)a1 & mask);
+        acc[lane[2]] += (v8)((i8v)a2 & mask);
+        acc[lane[3]] += (v8)((i8v)a3 & mask);
+    }
+}
+
+// acc[row][lane] -> outs[lane][base + row] for the window's n rows, eight rows at a time, each sum rounded once.
+template <typename T>
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+void flush(const v8* acc, T* const* outs, int lanes, int64_t n, int64_t base) {
     for (int64_t r0 = 0; r0 < n; r0 += 8) {
-        const v8* a = acc + r0;
-        v8 t[8], u[8], o[8];
-        for (int i = 0; i < 8; i += 2) {
-            t[i] = __builtin_shuffle(a[i], a[i + 1], i8v{0, 8, 1, 9, 4, 12, 5, 13});
-            t[i + 1] = __builtin_shuffle(a[i], a[i + 1], i8v{2, 10, 3, 11, 6, 14, 7, 15});
-        }
-        for (int i = 0; i < 8; i += 4) {
-            u[i] = __builtin_shuffle(t[i], t[i + 2], i8v{0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 1] = __builtin_shuffle(t[i], t[i + 2], i8v{2, 3, 10, 11, 6, 7, 14, 15});
-            u[i + 2] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{0, 1, 8, 9, 4, 5, 12, 13});
-            u[i + 3] = __builtin_shuffle(t[i + 1], t[i + 3], i8v{2, 3, 10, 11, 6, 7, 14, 15});
-        }
-        for (int j = 0; j < 4; j++) {
-            o[j] = __builtin_shuffle(u[j], u[j + 4], i8v{0, 1, 2, 3, 8, 9, 10, 11});
-            o[j + 4] = __builtin_shuffle(u[j], u[j + 4], i8v{4, 5, 6, 7, 12, 13, 14, 15});
-        }
+        v8 o[8];
+        for (int i = 0; i < 8; i++) o[i] = acc[r0 + i];  // acc has kWindow + 1 rows: r0 + 8 stays inside. Not a
+        transpose8(o);                                    // memcpy: its 16-byte moves stall the 32-byte loads
         const int64_t width = std::min<int64_t>(8, n - r0);
         for (int j = 0; j < lanes; j++) {
-            float* dst = outs[j] + b * kBlock + r0;
+            T* dst = outs[j] + base + r0;
             if (width == 8) {
-                v8 d;
-                std::memcpy(&d, dst, sizeof d);
-                d += o[j];
-                std::memcpy(dst, &d, sizeof d);
+                add8(dst, o[j]);
             } else {
-                for (int64_t r = 0; r < width; r++) dst[r] += o[j][r];
+                for (int64_t r = 0; r < width; r++) dst[r] = static_cast<T>(static_cast<float>(dst[r]) + o[j][r]);
             }
         }
     }
 }
 
-// Several tokens per row (a prefill): the term's token rows in chunks of eight lanes, each chunk's inputs
-// transposed once (n_in * 8 moves, small against a delta's entries at prefill widths) and run through every
-// block. Chunks write distinct rows, so threads split them.
-void run_tokens(const Term& t, const float* x, float* out, int64_t tokens, int64_t n_in, int64_t n_out) {
-    const int64_t m = t.m * tokens, chunks = (m + 7) / 8, blocks = (n_out + kBlock - 1) / kBlock;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        std::vector<float> xt(n_in * 8);
-        float* outs[8];
-        for (int64_t chunk = c0; chunk < c1; chunk++) {
-            // A short last chunk keeps the previous chunk's inputs in its spare lanes: computed, never added.
-            const int lanes = static_cast<int>(std::min<int64_t>(8, m - chunk * 8));
-            for (int j = 0; j < lanes; j++) {
-                const int64_t flat = chunk * 8 + j;  // the term's token rows: its batch rows' tokens in turn
-                const int64_t row = t.rows[flat / tokens] * tokens + flat % tokens;
-                const float* xr = x + row * n_in;
-                for (int64_t c = 0; c < n_in; c++) xt[c * 8 + j] = xr[c];
-                outs[j] = out + row * n_out;
+// Every term over x [n_rows * tokens, n_in] into out [n_rows * tokens, n_out]: the corrected token rows in chunks
+// of eight lanes; chunks and windows split across threads (each pair writes its own outputs).
+template <typename T>
+void run(const std::vector<Term>& terms, const T* x, T* out, int64_t n_rows, int64_t tokens, int64_t n_in,
+         int64_t n_out) {
+    const int64_t k = static_cast<int64_t>(terms.size());
+    std::vector<uint8_t> carries(k * n_rows, 0), any(n_rows, 0);
+    for (int64_t q = 0; q < k; q++)
+        for (int64_t j = 0; j < terms[q].m; j++) carries[q * n_rows + terms[q].rows[j]] = any[terms[q].rows[j]] = 1;
+    std::vector<int64_t> flat;  // the lanes' token rows, batch row by batch row
+    for (int64_t r = 0; r < n_rows; r++)
+        if (any[r])
+            for (int64_t i = 0; i < tokens; i++) flat.push_back(r * tokens + i);
+    const int64_t n_flat = static_cast<int64_t>(flat.size()), chunks = (n_flat + kLanes - 1) / kLanes;
+    const int64_t windows = (n_out + kWindow - 1) / kWindow;
+    std::vector<int32_t> masks(k * chunks * kLanes, 0);  // per term and chunk, its lanes (-1)
+    std::vector<uint8_t> used(k * chunks, 0);
+    int64_t visits = 0;
+    for (int64_t q = 0; q < k; q++) {
+        const int64_t entries = terms[q].start[terms[q].windows[windows]];
+        for (int64_t c = 0; c < chunks; c++) {
+            for (int j = 0; j < kLanes && c * kLanes + j < n_flat; j++) {
+                const bool carried = carries[q * n_rows + flat[c * kLanes + j] / tokens];
+                masks[(q * chunks + c) * kLanes + j] = carried ? -1 : 0;
+                used[q * chunks + c] |= carried;
             }
-            for (int64_t b = 0; b < blocks; b++) block_lanes(t, xt.data(), outs, lanes, n_out, b);
+            visits += used[q * chunks + c] ? entries : 0;
+        }
+    }
+    std::vector<float> xt(chunks * n_in * kLanes);
+    pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
+    const bool inline_ = visits < kInline;
+    at::parallel_for(0, chunks, inline_ ? chunks : 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; c++) {
+            const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n_flat - c * kLanes));
+            transpose_in<T>(x, flat.data() + c * kLanes, lanes, n_in, xt.data() + c * n_in * kLanes);
+        }
+    });
+    at::parallel_for(0, chunks * windows, inline_ ? chunks * windows : 1, [&](int64_t i0, int64_t i1) {
+        // Sums for every window of the range (the last row of each: padding lanes' zeros), so each term's arrays
+        // are read in one sweep: the prefetchers follow a few long streams, not many short ones.
+        std::vector<float> buffer((i1 - i0) * (kWindow + 1) * kLanes + kLanes);
+        v8* sums = reinterpret_cast<v8*>((reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});
+        T* outs[kLanes];
+        for (int64_t a = i0; a < i1;) {
+            const int64_t c = a / windows, b = std::min(i1, (c + 1) * windows);  // windows a..b of chunk c
+            const float* xc = xt.data() + c * n_in * kLanes;
+            for (int64_t q = 0; q < k; q++)
+                if (used[q * chunks + c])
+                    for (int64_t i = a; i < b; i++)
+                        window_sums(terms[q], xc, &masks[(q * chunks + c) * kLanes], sums + (i - i0) * (kWindow + 1),
+                                    i % windows);
+            const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n_flat - c * kLanes));
+            for (int j = 0; j < lanes; j++) outs[j] = out + flat[c * kLanes + j] * n_out;
+            for (int64_t i = a; i < b; i++) {
+                const int64_t w = i % windows;
+                flush<T>(sums + (i - i0) * (kWindow + 1), outs, lanes, std::min(kWindow, n_out - w * kWindow),
+                         w * kWindow);
+            }
+            a = b;
         }
     });
 }
 
-// The terms of one layer from a plan: terms [k, layers, 4] holds, per distinct delta and layer, the addresses of
-// its start, row, col and values arrays (0: no entries in that layer; the caller keeps the tensors alive); rows
-// holds k + 1 offsets into its tail, then each delta's row indices.
+// The terms of one layer from a plan: terms [k, layers, 5] holds, per distinct delta and layer, the addresses of
+// its windows, start, lane, col and values arrays (0: no entries in that layer; the caller keeps the tensors
+// alive); rows holds k + 1 offsets into its tail, then each delta's row indices.
 std::vector<Term> layer_terms(const torch::Tensor& terms, const torch::Tensor& rows, int64_t layer, int64_t n_rows) {
-    TORCH_CHECK(terms.dtype() == torch::kInt64 && terms.is_contiguous() && terms.dim() == 3 && terms.size(2) == 4,
-                "terms: contiguous int64 [deltas, layers, 4]");
+    TORCH_CHECK(terms.dtype() == torch::kInt64 && terms.is_contiguous() && terms.dim() == 3 && terms.size(2) == 5,
+                "terms: contiguous int64 [deltas, layers, 5]");
     TORCH_CHECK(rows.dtype() == torch::kInt64 && rows.is_contiguous() && rows.dim() == 1, "rows: contiguous int64");
     const int64_t k = terms.size(0);
     TORCH_CHECK(layer >= 0 && layer < terms.size(1), "layer ", layer, " is outside the plan's ", terms.size(1));
@@ -147,74 +248,26 @@ std::vector<Term> layer_terms(const torch::Tensor& terms, const torch::Tensor& r
     const int64_t* offsets = rows.data_ptr<int64_t>();
     const int64_t* indices = offsets + k + 1;
     const int64_t n_indices = rows.numel() - k - 1;
-    const int64_t* addr = terms.data_ptr<int64_t>() + layer * 4;
+    const int64_t* addr = terms.data_ptr<int64_t>() + layer * 5;
     std::vector<Term> out;
-    for (int64_t q = 0; q < k; q++, addr += terms.size(1) * 4) {
+    for (int64_t q = 0; q < k; q++, addr += terms.size(1) * 5) {
         const int64_t lo = offsets[q], hi = offsets[q + 1];
         TORCH_CHECK(0 <= lo && lo <= hi && hi <= n_indices, "rows: offsets ", lo, "..", hi, " out of order");
         if (addr[0] == 0 || lo == hi) continue;
         for (int64_t j = lo; j < hi; j++)
             TORCH_CHECK(indices[j] >= 0 && indices[j] < n_rows, "row ", indices[j], " is outside the batch of ", n_rows);
-        out.push_back(Term{reinterpret_cast<const int32_t*>(addr[0]), reinterpret_cast<const uint8_t*>(addr[1]),
-                           reinterpret_cast<const uint16_t*>(addr[2]), reinterpret_cast<const float*>(addr[3]),
-                           indices + lo, hi - lo});
+        out.push_back(Term{reinterpret_cast<const int32_t*>(addr[0]), reinterpret_cast<const int32_t*>(addr[1]),
+                           reinterpret_cast<const uint8_t*>(addr[2]), reinterpret_cast<const uint16_t*>(addr[3]),
+                           reinterpret_cast<const float*>(addr[4]), indices + lo, hi - lo});
     }
     return out;
-}
-
-// A decode step of a bf16 (or fp16) model: every term's entries for block b summed in fp32 per batch row, then each
-// touched output rounded once into the model's dtype, as the fp32 conversion path did, without converting x and
-// out to fp32 tensors in every layer (two tensors and an add, ~40% of a bf16 mixed step's corrections).
-template <typename T>
-void block_half(const std::vector<Term>& terms, const T* x, T* out, int64_t n_rows, int64_t n_in, int64_t n_out,
-                int64_t b, std::vector<float>& acc, std::vector<uint8_t>& touched) {
-    std::fill(touched.begin(), touched.end(), 0);
-    for (const Term& t : terms) {
-        for (int64_t j = 0; j < t.m; j++) {
-            const int64_t row = t.rows[j];
-            float* a = acc.data() + row * kBlock;
-            if (!touched[row]) std::fill(a, a + kBlock, 0.0f), touched[row] = 1;
-            const T* xr = x + row * n_in;
-            const int32_t end = t.start[b + 1];
-            for (int32_t k = t.start[b]; k < end; k++) a[t.row[k]] += t.val[k] * static_cast<float>(xr[t.col[k]]);
-        }
-    }
-    const int64_t n = std::min(kBlock, n_out - b * kBlock);
-    for (int64_t row = 0; row < n_rows; row++) {
-        if (!touched[row]) continue;
-        const float* a = acc.data() + row * kBlock;
-        T* o = out + row * n_out + b * kBlock;
-        for (int64_t r = 0; r < n; r++) o[r] = static_cast<T>(static_cast<float>(o[r]) + a[r]);
-    }
-}
-
-template <typename T>
-void run_half(const std::vector<Term>& terms, const T* x, T* out, int64_t n_rows, int64_t n_in, int64_t n_out) {
-    pybind11::gil_scoped_release no_gil;
-    at::parallel_for(0, (n_out + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-        std::vector<float> acc(n_rows * kBlock);
-        std::vector<uint8_t> touched(n_rows);
-        for (int64_t b = b0; b < b1; b++) block_half<T>(terms, x, out, n_rows, n_in, n_out, b, acc, touched);
-    });
-}
-
-void run_terms(const std::vector<Term>& terms, const float* xp, float* op, int64_t tokens, int64_t n_in,
-               int64_t n_out) {
-    pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
-    if (tokens > 1) {
-        for (const Term& t : terms) run_tokens(t, xp, op, tokens, n_in, n_out);
-        return;
-    }
-    at::parallel_for(0, (n_out + kBlock - 1) / kBlock, 1, [&](int64_t b0, int64_t b1) {
-        for (const Term& t : terms)  // a term's blocks in turn: one long run through its arrays
-            for (int64_t b = b0; b < b1; b++) apply_term(t, xp, op, n_in, n_out, b);
-    });
 }
 
 }  // namespace
 
 // One layer of a plan (see layer_terms) over x: [rows, tokens, n_in] or [rows, n_in] into out likewise with n_out
-// (a decode step has one token per row, a prefill many); sums run in fp32 and are rounded into out's dtype.
+// (a decode step has one token per row, a prefill many). Each output's corrections are summed in fp32 and added
+// to it once, rounded into its dtype.
 void correct(const torch::Tensor& terms, const torch::Tensor& rows, int64_t layer, const torch::Tensor& x,
              torch::Tensor& out) {
     const int64_t n_rows = x.size(0), n_in = x.size(-1), n_out = out.size(-1);
@@ -224,28 +277,24 @@ void correct(const torch::Tensor& terms, const torch::Tensor& rows, int64_t laye
                 "inputs ", x.sizes(), " and outputs ", out.sizes(), " do not match: [rows, (tokens,) features] each");
     const std::vector<Term> found = layer_terms(terms, rows, layer, n_rows);
     if (found.empty() || tokens == 0) return;
-    const bool same = x.scalar_type() == out.scalar_type() && x.is_contiguous() && out.is_contiguous();
-    if (tokens == 1 && same && x.scalar_type() == torch::kBFloat16) {
-        run_half(found, x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), n_rows, n_in, n_out);
-        return;
+    const auto dtype = x.scalar_type();
+    const bool direct = dtype == out.scalar_type() && x.is_contiguous() && out.is_contiguous();
+    if (direct && dtype == torch::kFloat32) {  // no tensor made (~1 us each, 210 layers a step)
+        run(found, x.data_ptr<float>(), out.data_ptr<float>(), n_rows, tokens, n_in, n_out);
+    } else if (direct && dtype == torch::kBFloat16) {
+        run(found, x.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), n_rows, tokens, n_in, n_out);
+    } else if (direct && dtype == torch::kHalf) {
+        run(found, x.data_ptr<at::Half>(), out.data_ptr<at::Half>(), n_rows, tokens, n_in, n_out);
+    } else {
+        const torch::Tensor xs = x.to(torch::kFloat32).contiguous();
+        torch::Tensor ys = torch::zeros(out.sizes(), xs.options());
+        run(found, xs.data_ptr<float>(), ys.data_ptr<float>(), n_rows, tokens, n_in, n_out);
+        out.add_(ys);
     }
-    if (tokens == 1 && same && x.scalar_type() == torch::kHalf) {
-        run_half(found, x.data_ptr<at::Half>(), out.data_ptr<at::Half>(), n_rows, n_in, n_out);
-        return;
-    }
-    const bool fp32_in = x.dtype() == torch::kFloat32 && x.is_contiguous();
-    const bool fp32_out = out.dtype() == torch::kFloat32 && out.is_contiguous();
-    if (fp32_in && fp32_out) {  // the common case: no tensor made (~1 us each, 210 layers a step)
-        run_terms(found, x.data_ptr<float>(), out.data_ptr<float>(), tokens, n_in, n_out);
-        return;
-    }
-    const torch::Tensor xs = fp32_in ? x : x.to(torch::kFloat32).contiguous();
-    torch::Tensor ys = fp32_out ? out : torch::zeros(out.sizes(), xs.options());
-    run_terms(found, xs.data_ptr<float>(), ys.data_ptr<float>(), tokens, n_in, n_out);
-    if (!fp32_out) out.add_(ys);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("correct", &correct, "out[r] += delta @ x[r] for each delta of the plan and its rows, in one layer");
-    m.attr("block") = kBlock;
+    m.attr("window") = kWindow;
+    m.attr("group") = kGroup;
 }
