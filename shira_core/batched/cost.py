@@ -1,8 +1,8 @@
 """What the row corrections cost per decode step, against what switching the merged set costs.
 
-Both are in units of one delta entry corrected for one row in one step, so a caller can weigh a switch of the
-merged set against the corrections it saves over the rows' remaining steps. Each way of correcting has its own
-model: the native kernel reads a delta once per step for all its rows, PyTorch's products copy it per row.
+Both are in units of about one delta entry corrected in one step, so a caller can weigh a switch of the merged set
+against the corrections it saves over the rows' remaining steps. Each way of correcting has its own model: the
+native kernel reads a delta once per step for every eight of its rows, PyTorch's products copy it per row.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ DEPTH2_ENTRY_COST = 1.35
 # 15-17 ms per 1.06M entries; correction: ~4 ms per 1.06M entries per decode step; both measured the same day,
 # and both scale with memory speed).
 SWITCH_ENTRY_COST = 4
-# The native kernel reads a delta's entries once per step for all the m rows that carry it: about
-# nnz * (NATIVE_TERM_READ + m) units of ~0.55 ns (~1.0 ns per entry for one row, ~0.6 per entry and row for
-# eight; 2-core CPU, hot). A switch writes an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
-NATIVE_TERM_READ = 0.8
+# The native kernel runs the corrected rows as the eight lanes of a vector: a delta costs about its entries once per
+# step for up to eight of its rows, ~0.95 ns an entry in a decode step (2-core CPU, SmolLM2-135M, 8 rows over 5
+# sets: ~5 ms a step, the entries streaming from memory), NATIVE_TERM_COST units of ~0.55 ns. A switch writes
+# an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
+NATIVE_TERM_COST = 1.7
 NATIVE_SWITCH_ENTRY_COST = 27
+LANES = 8
 
 
 def step_cost(native: bool, corrected: Iterable[tuple[int, int]], merged_nnz: int) -> float:
@@ -30,9 +32,10 @@ def step_cost(native: bool, corrected: Iterable[tuple[int, int]], merged_nnz: in
     other than the merged one; each of their rows also carries the merged set's negated delta, of `merged_nnz`
     entries (0 when the base is merged)."""
     corrected = list(corrected)
-    if native:  # one term per corrected set, and the merged set's negated delta for every corrected row
+    if native:  # each corrected set's delta, and the merged set's negated delta for every corrected row
         rows = sum(n for _, n in corrected)
-        return sum(nnz * (NATIVE_TERM_READ + n) for nnz, n in corrected) + merged_nnz * (NATIVE_TERM_READ + rows)
+        visits = sum(nnz * -(-n // LANES) for nnz, n in corrected) + merged_nnz * -(-rows // LANES)
+        return visits * NATIVE_TERM_COST
     step = sum(n * (nnz + merged_nnz) for nnz, n in corrected)
     return step * (DEPTH2_ENTRY_COST if merged_nnz else 1)
 

@@ -201,13 +201,17 @@ def test_the_host_is_the_base_unless_its_set_holds_a_clear_majority(tokenizer, n
         return [Row([1], SamplingParams(max_new_tokens=32), set_key=k) for k in sets]
 
     if native:
-        # The merged set's negated delta is read once for all corrected rows, and so is A's own under the base:
-        # with half the rows on A the two merged sets cost the same per step, so the one in the weights stays.
-        assert mixed.choose_merged(rows(4)) == "A"
-        assert mixed.choose_merged(rows(2)) == ()  # 6 corrected rows carrying A's negated delta too: the base pays
+        # A delta costs the same for one row as for eight: under the base, A's rows carry one term; under A, the
+        # others carry A's negated delta, one term too. Equal, so the set in the weights stays.
+        for own in (2, 4, 6):
+            assert mixed.choose_merged(rows(own)) == "A"
         active[0] = ()
-        assert mixed.choose_merged(rows(4)) == ()
-        assert mixed.choose_merged(rows(6)) == "A"
+        for own in (2, 4, 6):
+            assert mixed.choose_merged(rows(own)) == ()
+        # Past eight rows a delta runs once per eight: A on 12 of 16 rows costs two passes under the base, and
+        # A's negated delta one pass for the other four, so merging A pays.
+        many = [Row([1], SamplingParams(max_new_tokens=32), set_key=k) for k in ["A"] * 12 + keys[1:5]]
+        assert mixed.choose_merged(many) == "A"
         return
     # Half the rows on the merged set: each other row would carry two deltas (8 entries-worth at the slower
     # two-term rate) against one each (8) under the base, so the base wins even after paying the switch.

@@ -123,31 +123,35 @@ void transpose_in(const T* x, const int64_t* flat, int lanes, int64_t n_in, floa
         for (int j = 0; j < kLanes; j++) xt[c * 8 + j] = j < lanes ? static_cast<float>(xs[j][c]) : 0.0f;
 }
 
-// The term's groups in window w, summed over the eight lanes and added to acc[row within the window], masked to
-// the lanes the term applies to (a masked lane sums another row's inputs; the mask drops it, NaN included).
+// The term's groups in windows w0..w1, summed over the eight lanes and added to sums[(w - w0) * (kWindow + 1) +
+// row within the window], masked to the lanes the term applies to (a masked lane sums another row's inputs; the
+// mask drops it, NaN included). One call a term: its arrays are read in one sweep.
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-void window_sums(const Term& t, const float* xt, const int32_t* lanes, v8* acc, int64_t w) {
+void window_sums(const Term& t, const float* xt, const int32_t* lanes, v8* sums, int64_t w0, int64_t w1) {
     i8v mask;
     std::memcpy(&mask, lanes, sizeof mask);  // a std::vector does not align it for a vector load
     const int32_t* start = t.start;
     const uint16_t* col = t.col;
     const float* val = t.val;
-    for (int32_t g = t.windows[w]; g < t.windows[w + 1]; g++) {
-        v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
-        __builtin_prefetch(val + start[g] + kAhead);  // a group reads ~1.5 lines of values, ~0.8 of columns
-        __builtin_prefetch(val + start[g] + kAhead + 16);
-        __builtin_prefetch(col + start[g] + kAhead);
-        for (int32_t e = start[g]; e < start[g + 1]; e += kGroup) {
-            a0 += val[e] * load8(xt + 8 * static_cast<int64_t>(col[e]));
-            a1 += val[e + 1] * load8(xt + 8 * static_cast<int64_t>(col[e + 1]));
-            a2 += val[e + 2] * load8(xt + 8 * static_cast<int64_t>(col[e + 2]));
-            a3 += val[e + 3] * load8(xt + 8 * static_cast<int64_t>(col[e + 3]));
+    for (int64_t w = w0; w < w1; w++) {
+        v8* acc = sums + (w - w0) * (kWindow + 1);
+        for (int32_t g = t.windows[w]; g < t.windows[w + 1]; g++) {
+            v8 a0 = {}, a1 = {}, a2 = {}, a3 = {};
+            __builtin_prefetch(val + start[g] + kAhead);  // a group reads ~1.5 lines of values, ~0.8 of columns
+            __builtin_prefetch(val + start[g] + kAhead + 16);
+            __builtin_prefetch(col + start[g] + kAhead);
+            for (int32_t e = start[g]; e < start[g + 1]; e += kGroup) {
+                a0 += val[e] * load8(xt + 8 * static_cast<int64_t>(col[e]));
+                a1 += val[e + 1] * load8(xt + 8 * static_cast<int64_t>(col[e + 1]));
+                a2 += val[e + 2] * load8(xt + 8 * static_cast<int64_t>(col[e + 2]));
+                a3 += val[e + 3] * load8(xt + 8 * static_cast<int64_t>(col[e + 3]));
+            }
+            const uint8_t* lane = t.lane + kGroup * static_cast<int64_t>(g);
+            acc[lane[0]] += (v8)((i8v)a0 & mask);
+            acc[lane[1]] += (v8)((i8v)a1 & mask);
+            acc[lane[2]] += (v8)((i8v)a2 & mask);
+            acc[lane[3]] += (v8)((i8v)a3 & mask);
         }
-        const uint8_t* lane = t.lane + kGroup * static_cast<int64_t>(g);
-        acc[lane[0]] += (v8)((i8v)a0 & mask);
-        acc[lane[1]] += (v8)((i8v)a1 & mask);
-        acc[lane[2]] += (v8)((i8v)a2 & mask);
-        acc[lane[3]] += (v8)((i8v)a3 & mask);
     }
 }
 
@@ -169,6 +173,16 @@ void flush(const v8* acc, T* const* outs, int lanes, int64_t n, int64_t base) {
             }
         }
     }
+}
+
+// A buffer of n floats: up to 1 MB, the thread's own `which`, kept between calls (a fresh 20-50 KB allocation
+// comes back from the kernel as zeroed pages once glibc has trimmed the heap, ~1 us a page: more than the sums of
+// a small layer cost); a long prefill's, in `own`, freed with it.
+float* scratch(int which, int64_t n, std::vector<float>& own) {
+    thread_local std::vector<float> kept[2];
+    std::vector<float>& b = n <= (1 << 18) ? kept[which] : own;
+    if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+    return b.data();
 }
 
 // Every term over x [n_rows * tokens, n_in] into out [n_rows * tokens, n_out]: the corrected token rows in chunks
@@ -200,29 +214,37 @@ void run(const std::vector<Term>& terms, const T* x, T* out, int64_t n_rows, int
             visits += used[q * chunks + c] ? entries : 0;
         }
     }
-    std::vector<float> xt(chunks * n_in * kLanes);
+    std::vector<float> own_xt;
+    float* xt = scratch(0, chunks * n_in * kLanes, own_xt);
     pybind11::gil_scoped_release no_gil;  // a streaming server's event loop runs meanwhile
     const bool inline_ = visits < kInline;
-    at::parallel_for(0, chunks, inline_ ? chunks : 1, [&](int64_t c0, int64_t c1) {
+    const auto transpose = [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; c++) {
             const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n_flat - c * kLanes));
-            transpose_in<T>(x, flat.data() + c * kLanes, lanes, n_in, xt.data() + c * n_in * kLanes);
+            transpose_in<T>(x, flat.data() + c * kLanes, lanes, n_in, xt + c * n_in * kLanes);
         }
-    });
+    };
+    if (inline_ || chunks == 1) {
+        transpose(0, chunks);  // a decode step's rows: less than a hand-off costs
+    } else {
+        at::parallel_for(0, chunks, 1, transpose);
+    }
     at::parallel_for(0, chunks * windows, inline_ ? chunks * windows : 1, [&](int64_t i0, int64_t i1) {
         // Sums for every window of the range (the last row of each: padding lanes' zeros), so each term's arrays
         // are read in one sweep: the prefetchers follow a few long streams, not many short ones.
-        std::vector<float> buffer((i1 - i0) * (kWindow + 1) * kLanes + kLanes);
-        v8* sums = reinterpret_cast<v8*>((reinterpret_cast<uintptr_t>(buffer.data()) + 31) & ~uintptr_t{31});
+        const int64_t n_sums = (i1 - i0) * (kWindow + 1) * kLanes;
+        std::vector<float> own_sums;
+        float* zeroed = scratch(1, n_sums + kLanes, own_sums);
+        std::fill(zeroed, zeroed + n_sums + kLanes, 0.0f);
+        v8* sums = reinterpret_cast<v8*>((reinterpret_cast<uintptr_t>(zeroed) + 31) & ~uintptr_t{31});
         T* outs[kLanes];
         for (int64_t a = i0; a < i1;) {
             const int64_t c = a / windows, b = std::min(i1, (c + 1) * windows);  // windows a..b of chunk c
-            const float* xc = xt.data() + c * n_in * kLanes;
+            const float* xc = xt + c * n_in * kLanes;
             for (int64_t q = 0; q < k; q++)
                 if (used[q * chunks + c])
-                    for (int64_t i = a; i < b; i++)
-                        window_sums(terms[q], xc, &masks[(q * chunks + c) * kLanes], sums + (i - i0) * (kWindow + 1),
-                                    i % windows);
+                    window_sums(terms[q], xc, &masks[(q * chunks + c) * kLanes], sums + (a - i0) * (kWindow + 1),
+                                a % windows, (b - 1) % windows + 1);
             const int lanes = static_cast<int>(std::min<int64_t>(kLanes, n_flat - c * kLanes));
             for (int j = 0; j < lanes; j++) outs[j] = out + flat[c * kLanes + j] * n_out;
             for (int64_t i = a; i < b; i++) {
@@ -263,6 +285,22 @@ std::vector<Term> layer_terms(const torch::Tensor& terms, const torch::Tensor& r
     return out;
 }
 
+// Starts loading the heads of the next layer's arrays (the layers run in plan order), so that its call, a dense
+// product later, does not begin with a cold stream per array: a step's deltas do not stay in the caches.
+void prefetch_layer(const torch::Tensor& terms, int64_t layer) {
+    if (layer >= terms.size(1)) return;
+    const int64_t* addr = terms.data_ptr<int64_t>() + layer * 5;
+    for (int64_t q = 0; q < terms.size(0); q++, addr += terms.size(1) * 5) {
+        if (addr[0] == 0) continue;
+        for (int a = 0; a < 3; a++) __builtin_prefetch(reinterpret_cast<const char*>(addr[a]));
+        for (int64_t off = 0; off < 4096; off += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(addr[3]) + off);
+            __builtin_prefetch(reinterpret_cast<const char*>(addr[4]) + 2 * off);
+            __builtin_prefetch(reinterpret_cast<const char*>(addr[4]) + 2 * off + 64);
+        }
+    }
+}
+
 }  // namespace
 
 // One layer of a plan (see layer_terms) over x: [rows, tokens, n_in] or [rows, n_in] into out likewise with n_out
@@ -276,6 +314,7 @@ void correct(const torch::Tensor& terms, const torch::Tensor& rows, int64_t laye
                     (x.dim() == 2 || out.size(1) == tokens),
                 "inputs ", x.sizes(), " and outputs ", out.sizes(), " do not match: [rows, (tokens,) features] each");
     const std::vector<Term> found = layer_terms(terms, rows, layer, n_rows);
+    prefetch_layer(terms, layer + 1);  // after layer_terms checked the table
     if (found.empty() || tokens == 0) return;
     const auto dtype = x.scalar_type();
     const bool direct = dtype == out.scalar_type() && x.is_contiguous() && out.is_contiguous();
