@@ -1,11 +1,10 @@
 """The native CPU kernel for the row corrections of mixed batches (csrc/row_corrections.cpp), built on first use.
 
 Corrected rows stream every delta entry of their sets once per forward pass. PyTorch's CPU sparse products read
-each row's own copy of a set's entries with int32 columns; this kernel reads a set's entries once for all its
-rows, stored by block of output rows and by column within a block, so its loop has no per-row branch
-(SmolLM2-135M, 8 rows over 5 sets, 2-core CPU, all 210 layers of a step: 8.3-8.8 ms, against 11.3-12.4 for the
-CSR layout it had first and more for PyTorch's products). It is an accelerator only: the RowCorrector computes
-the same sums without it, so a machine without a C++ compiler runs the PyTorch path.
+each row's own copy of a set's entries; this kernel runs up to eight rows as the lanes of one vector, so a set's
+entries are read once for all of them, in the layout of shira_core.batched.deltas.grouped (SmolLM2-135M, 8 rows
+over 5 sets, 2-core CPU, all 210 layers of a decode step: ~5 ms). It is an accelerator only: the RowCorrector
+computes the same sums without it, so a machine without a C++ compiler runs the PyTorch path.
 
 Built and loaded by shira_core.native.
 """
@@ -18,6 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import native
+from .deltas import GROUP, WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,14 @@ SOURCE = Path(__file__).parent / "csrc" / "row_corrections.cpp"
 
 @functools.cache
 def load() -> ModuleType | None:
-    """The compiled kernel module (its `correct(terms, rows, layer, x, out)` and `block`), or None where it
-    cannot be built here."""
+    """The compiled kernel module (its `correct(terms, rows, layer, x, out)`), or None where it cannot be built
+    here."""
     try:
-        return native.build([SOURCE], "shira_row_corrections")
+        module = native.build([SOURCE], "shira_row_corrections")
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean the PyTorch path
         log.warning("row-correction kernel unavailable, using PyTorch's sparse products: %s", e)
         return None
+    if (module.window, module.group) != (WINDOW, GROUP):  # an edit to one side only: a bug, not a machine's lack
+        raise RuntimeError(f"row-correction kernel lays out windows of {module.window} rows in groups of "
+                           f"{module.group}; shira_core.batched.deltas packs {WINDOW} and {GROUP}")
+    return module

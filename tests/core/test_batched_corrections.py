@@ -111,7 +111,7 @@ def test_the_native_kernel_reads_each_delta_once_for_all_its_rows(bound, merged)
 
 @pytest.mark.parametrize("merged", [None, 1])
 def test_native_plans_run_prefills_and_decode_steps_over_several_blocks(tiny_llama, merged):
-    # hidden 96: outputs of 48 to 192 features, so one to three blocks of 64 rows and partial ones; 11 tokens a
+    # hidden 96: outputs of 48 to 192 features, so one to three windows of 64 rows and partial ones; 11 tokens a
     # row: lanes of eight that span rows and end short.
     model = tiny_llama(seed=5, vocab=64, hidden=96)
     snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
