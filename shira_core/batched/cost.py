@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from .deltas import LANES
+
 # PyTorch's products. With a merged set other than the base, every corrected row carries two deltas (its own and
 # the merged set's negated) and the step runs a product, a sum over the two and an add instead of one fused
 # product: ~1.35x the time per entry (8 rows, SmolLM2-135M, 2-core CPU: the base merged, 8.4M entries in 10.9 ms;
@@ -24,7 +26,6 @@ SWITCH_ENTRY_COST = 4
 # an entry in ~15 ns: NATIVE_SWITCH_ENTRY_COST units.
 NATIVE_TERM_COST = 1.7
 NATIVE_SWITCH_ENTRY_COST = 27
-LANES = 8
 
 
 def step_cost(native: bool, corrected: Iterable[tuple[int, int]], merged_nnz: int) -> float:

@@ -31,7 +31,7 @@ class LayerEntries:
     values: torch.Tensor | None = None  # [nnz]: adapted - original
     matrix: torch.Tensor | None = None  # the same three as a sparse CSR tensor [out, in], for prefill products
     counts: torch.Tensor | None = None  # int32 [out]: entries per row (crow's differences), for segments
-    # For the native kernel: its five arrays (see `grouped`), values last.
+    # For the native kernel: its ARRAYS arrays (see `grouped`), values last.
     groups: tuple[torch.Tensor, ...] | None = None
 
     def tensors(self) -> list[torch.Tensor]:
@@ -143,6 +143,13 @@ def csr(crow: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tupl
 WINDOW = 64
 GROUP = 4
 PIECE = 32
+LANES = 8  # rows the kernel sums side by side: a delta is read once per step for every LANES of its rows
+ARRAYS = 5  # the arrays `grouped` returns, and the addresses a plan holds per delta and layer
+
+
+def _starts(counts: torch.Tensor) -> torch.Tensor:
+    """Where each of consecutive runs of `counts` items begins."""
+    return counts.cumsum(0) - counts
 
 
 def grouped(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]
@@ -160,7 +167,7 @@ def grouped(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: t
     counts = torch.bincount(row, minlength=n_out)
     pieces = (counts + PIECE - 1) // PIECE  # per row
     piece_row = torch.repeat_interleave(torch.arange(n_out), pieces)
-    first_piece = pieces.cumsum(0) - pieces  # each row's first piece
+    first_piece = _starts(pieces)  # each row's first piece
     nth = torch.arange(piece_row.numel()) - first_piece[piece_row]  # a piece's place in its row
     length = torch.clamp(counts[piece_row] - nth * PIECE, max=PIECE)
     window = piece_row // WINDOW
@@ -169,7 +176,7 @@ def grouped(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: t
     place[by_length] = torch.arange(by_length.numel())  # each piece's position in that order
     n_windows = (n_out + WINDOW - 1) // WINDOW
     per_window = torch.bincount(window, minlength=n_windows)
-    rank = place - (per_window.cumsum(0) - per_window)[window]  # its position within its window
+    rank = place - _starts(per_window)[window]  # its position within its window
     group_count = (per_window + GROUP - 1) // GROUP
     windows = torch.zeros(n_windows + 1, dtype=torch.int64)
     windows[1:] = group_count.cumsum(0)
@@ -181,8 +188,7 @@ def grouped(row: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape: t
     start[1:] = (width * GROUP).cumsum(0)
     lane = torch.full((n_groups * GROUP,), WINDOW, dtype=torch.uint8)
     lane[group * GROUP + slot] = (piece_row % WINDOW).to(torch.uint8)
-    crow = counts.cumsum(0) - counts
-    j = torch.arange(row.numel()) - crow[row]  # each entry's place in its row
+    j = torch.arange(row.numel()) - _starts(counts)[row]  # each entry's place in its row
     piece = first_piece[row] + j // PIECE
     dest = start[group[piece]] + (j % PIECE) * GROUP + slot[piece]
     n = int(start[-1])

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .. import native
-from .deltas import GROUP, WINDOW
+from .deltas import GROUP, LANES, WINDOW
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def load() -> ModuleType | None:
     except Exception as e:  # noqa: BLE001 - no compiler, no ninja, no headers: all mean the PyTorch path
         log.warning("row-correction kernel unavailable, using PyTorch's sparse products: %s", e)
         return None
-    if (module.window, module.group) != (WINDOW, GROUP):  # an edit to one side only: a bug, not a machine's lack
-        raise RuntimeError(f"row-correction kernel lays out windows of {module.window} rows in groups of "
-                           f"{module.group}; shira_core.batched.deltas packs {WINDOW} and {GROUP}")
+    if (module.window, module.group, module.lanes) != (WINDOW, GROUP, LANES):  # an edit to one side only: a bug
+        raise RuntimeError(f"row-correction kernel: windows of {module.window} rows, groups of {module.group}, "
+                           f"{module.lanes} lanes; shira_core.batched.deltas has {WINDOW}, {GROUP}, {LANES}")
     return module

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .deltas import PackedDelta
+from .deltas import ARRAYS, PackedDelta
 from .layout import LinearLayer
 from .plans import KernelPlan, PrefillPlan, Segment, SegmentPlan
 from .segments import build_segment, cut_segment
@@ -137,7 +137,7 @@ class CorrectionPlanner:
                 deltas.setdefault(id(d), d)
                 rows.setdefault(id(d), []).append(r)
         if not deltas:
-            empty = torch.zeros(0, len(self.layers), 5, dtype=torch.int64)
+            empty = torch.zeros(0, len(self.layers), ARRAYS, dtype=torch.int64)
             return KernelPlan(len(key), empty, torch.zeros(1, dtype=torch.int64), [False] * len(self.layers), ())
         terms = torch.stack([self._addresses(d) for d in deltas.values()])
         lists = [rows[i] for i in deltas]
@@ -151,7 +151,7 @@ class CorrectionPlanner:
     def _addresses(self, delta: PackedDelta) -> torch.Tensor:
         """The delta's array addresses per layer for the native kernel, made once per delta."""
         if delta.addresses is None:
-            table = [[0] * 5 for _ in self.layers]
+            table = [[0] * ARRAYS for _ in self.layers]
             for lid, part in delta.layers.items():
                 table[lid] = [t.data_ptr() for t in part.groups]
             delta.addresses = torch.tensor(table, dtype=torch.int64)

@@ -14,7 +14,7 @@ from random_adapters import random_adapter
 
 from shira_core.batched import RowCorrector
 from shira_core.batched import kernel as correction_kernel
-from shira_core.batched.deltas import GROUP, PIECE, WINDOW, grouped
+from shira_core.batched.deltas import GROUP, LANES, PIECE, WINDOW, grouped
 from shira_core.switcher import Switcher
 
 from .kernel_support import needs_kernel
@@ -112,7 +112,7 @@ def _plan(layers: list[tuple[torch.Tensor, ...]], rows: list[list[int]]) -> tupl
 
 def test_the_layout_cuts_long_rows_and_pads_little():
     kernel = correction_kernel.load()
-    assert kernel is None or (kernel.window, kernel.group) == (WINDOW, GROUP)  # the packing and the kernel agree
+    assert kernel is None or (kernel.window, kernel.group, kernel.lanes) == (WINDOW, GROUP, LANES)  # they agree
     dense, (windows, start, lane, col, values) = _layer(200, 100, seed=1)
     entries = int((dense != 0).sum())
     assert len(windows) == 5 and int(start[-1]) == len(col) == len(values)  # 200 rows: three full windows and 8

@@ -336,4 +336,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("correct", &correct, "out[r] += delta @ x[r] for each delta of the plan and its rows, in one layer");
     m.attr("window") = kWindow;
     m.attr("group") = kGroup;
+    m.attr("lanes") = kLanes;
 }
