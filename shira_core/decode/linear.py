@@ -1,15 +1,20 @@
 """Linear layers for serving on the CPU, through the native kernel in csrc/decode_linear.cpp.
 
 `use_decode_linears(model)` turns a model's nn.Linear modules into DecodeLinear, a subclass whose forward runs the
-kernel when autograd is off for every one-token-per-row pass (a decode step) and, with fp32 weights, for prefills
-too; nn.Linear's own forward otherwise (training, bf16 prefills). The weights are read where they are, so the
-Switcher's in-place scatters and the RowCorrector's corrections work unchanged. A row's output does not depend on
-the other rows of the pass (see the source), so batched decoding equals decoding alone bit for bit; it differs
-from PyTorch's products in the last bits.
+kernel when autograd is off, for every one-token-per-row pass (a decode step) and for prefills, except 16-bit
+prefills on a CPU with AVX512-BF16, which stay on nn.Linear's forward (oneDNN). The weights are read where they are,
+so the Switcher's in-place scatters and the RowCorrector's corrections work unchanged. A row's output does not
+depend on the other rows of the pass (see the source), so batched decoding equals decoding alone bit for bit; it
+differs from PyTorch's products in the last bits.
 
-Prefills of SmolLM2-135M on 2 cores, 44-token prompts: fp32, 1 prompt 94 ms against PyTorch's 131, 8 prompts 627
-against 619; bf16, 1 prompt 100 against 80 and 8 prompts 643 against 290. PyTorch's bf16 products (oneDNN, with
-larger register tiles and packed weights) are faster as soon as there are many rows, so bf16 prefills stay there.
+Prefills of SmolLM2-135M's layers on 2 cores, 44-token prompts, kernel against PyTorch:
+- Zen 4 (AVX512-BF16): fp32, 1 prompt 94 ms against 131, 8 prompts 627 against 619; bf16, 1 prompt 100 against
+  80 and 8 prompts 643 against 290. oneDNN's bf16 products (larger register tiles, packed weights, the same dot
+  instructions) win as soon as there are many rows, so bf16 prefills stay there.
+- Zen 3 (AVX2 only; 40 of the 210 layers, median of 5): bf16 1 prompt 64 against 246 ms, 2 prompts 101 against
+  415: without native bf16 PyTorch's products are 4x slower, so they run on the kernel. fp32 1 prompt 54 against
+  65, 4 prompts 183 against 120; they stay on the kernel all the same, so that a prompt rounds alike alone and
+  beside others.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ def load() -> ModuleType | None:
 
 
 class DecodeLinear(nn.Linear):
-    """An nn.Linear whose decode steps (and fp32 prefills) run the decode kernel (bound by `use_decode_linears`).
+    """An nn.Linear whose decode steps (and most prefills: see the module) run the decode kernel (bound by
+    `use_decode_linears`).
 
     `correction`, when set on a layer, is called as correction(layer, x, out) after every pass and may add to
     `out` in place: the RowCorrector's per-row corrections for mixed batches. A hook rather than a wrapped
@@ -57,11 +63,12 @@ class DecodeLinear(nn.Linear):
     """
 
     kernel: ModuleType | None = None
+    prefills: frozenset[torch.dtype] = frozenset()  # weight dtypes whose prefills run the kernel (see the module)
     correction: Callable[[nn.Module, torch.Tensor, torch.Tensor], None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        one_token = x.dim() == 3 and x.shape[1] == 1
-        if not torch.is_grad_enabled() and self.kernel is not None and (one_token or self.weight.dtype == FP32):
+        kernel = self.kernel is not None and not torch.is_grad_enabled()
+        if kernel and ((x.dim() == 3 and x.shape[1] == 1) or self.weight.dtype in self.prefills):
             out = self.kernel.linear(x, self.weight, self.bias)
         else:
             out = F.linear(x, self.weight, self.bias)
@@ -83,8 +90,15 @@ def use_decode_linears(model: nn.Module) -> int:
     for module in fresh:
         module.__class__ = DecodeLinear
     DecodeLinear.kernel = kernel
+    DecodeLinear.prefills = prefill_dtypes(kernel.isa())
     log.info("decode steps run %d Linear layers on the %s decode kernel", len(bound) + len(fresh), kernel.isa())
     return len(bound) + len(fresh)
+
+
+def prefill_dtypes(isa: str) -> frozenset[torch.dtype]:
+    """The weight dtypes whose prefills the kernel runs on a CPU of this ISA: all, except the 16-bit ones where the
+    CPU has bf16 dot products (oneDNN uses them too, with larger tiles)."""
+    return frozenset({FP32} if isa == "avx512-bf16" else DTYPES)
 
 
 def _fits(module: nn.Linear) -> bool:
