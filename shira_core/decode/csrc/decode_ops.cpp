@@ -59,21 +59,57 @@ void axpy512(float e, const T* v, float* acc, int64_t n) {
 
 #pragma GCC pop_options
 
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::BFloat16* p) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const at::Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+
+// n a multiple of 8.
+template <typename T>
+float dot256(const float* a, const T* b, int64_t n) {
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t d = 0; d < n; d += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), load8(b + d), s);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+template <typename T>
+void axpy256(float e, const T* v, float* acc, int64_t n) {
+    const __m256 ev = _mm256_set1_ps(e);
+    for (int64_t d = 0; d < n; d += 8)
+        _mm256_storeu_ps(acc + d, _mm256_fmadd_ps(ev, load8(v + d), _mm256_loadu_ps(acc + d)));
+}
+
+#pragma GCC pop_options
+
 const bool kAvx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                      __builtin_cpu_supports("avx512vl");
+const bool kAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 
-// The dot product the ops use: AVX-512 where the CPU has it and n fits, else eight scalar lanes.
+// The dot product the ops use: AVX-512 or AVX2 where the CPU has it and n fits, else eight scalar lanes (which the
+// compiler's baseline SSE2 barely speeds up: on an AVX2-only Zen 3, attention over 60 cached tokens took 4.5 ms of
+// an 8-row step that way).
 template <typename T>
 inline float vdot(const float* a, const T* b, int64_t n) {
-    if constexpr (!std::is_same_v<T, double>)
+    if constexpr (!std::is_same_v<T, double>) {
         if (kAvx512 && n % 16 == 0) return dot512(a, b, n);
+        if (kAvx2 && n % 8 == 0) return dot256(a, b, n);
+    }
     return dot(a, b, n);
 }
 
 template <typename T>
 inline void axpy(float e, const T* v, float* acc, int64_t n) {
-    if constexpr (!std::is_same_v<T, double>)
+    if constexpr (!std::is_same_v<T, double>) {
         if (kAvx512 && n % 16 == 0) return axpy512(e, v, acc, n);
+        if (kAvx2 && n % 8 == 0) return axpy256(e, v, acc, n);
+    }
     for (int64_t d = 0; d < n; d++) acc[d] += e * f(v[d]);
 }
 
