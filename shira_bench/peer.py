@@ -9,7 +9,8 @@ with 8 clients, one adapter with 8, 8 adapters Zipf-drawn with 8, one adapter wi
 the workloads and the two servers, with the load average recorded, and figures are medians over rounds.
 
 The memory bound: one stream must read every weight once per token, so a single stream runs at most at the
-measured streaming-read bandwidth over the weight bytes.
+measured streaming-read bandwidth over the weight bytes (the fastest read, before the servers start and before
+each round).
 """
 
 from __future__ import annotations
@@ -145,14 +146,14 @@ def run(*, dtype: str = "fp32", rounds: int = 3, seconds: float = 20.0, max_new_
     threads = threads or len(os.sched_getaffinity(0))
     binary = find_llama_server(llama_server)  # before anything slow: a missing binary fails in one line
     layout = BaseLayout(bundled_gguf())
-    bandwidth = read_bandwidth(threads)
+    # Measured before the servers start and again before each round, while both are idle: this VM's read
+    # bandwidth swung from 14 to 30 GB/s between runs an hour apart, so one early measurement can be a slow spell.
+    bandwidths = [read_bandwidth(threads)]
     result: dict = {"dtype": dtype, "llama_gguf_type": gguf_type, "rounds": rounds, "seconds": seconds,
                     "threads": threads, "max_new_tokens": max_new_tokens, "density": density, "lora_rank": rank,
                     "shira_adapter_entries": layout.shira_entries(density),
                     "lora_adapter_entries": layout.lora_entries(rank),
-                    "weight_bytes": layout.parameters * weight_size, "read_gb_s": round(bandwidth / 1e9, 2),
-                    "membound_tok_s": round(bandwidth / (layout.parameters * weight_size), 2),
-                    "load_avg_start": os.getloadavg()[0]}
+                    "weight_bytes": layout.parameters * weight_size, "load_avg_start": os.getloadavg()[0]}
     procs = []
     with tempfile.TemporaryDirectory(prefix="shira-peer-") as tmp:
         try:
@@ -178,6 +179,7 @@ def run(*, dtype: str = "fp32", rounds: int = 3, seconds: float = 20.0, max_new_
             samples: dict[str, dict[str, list[dict]]] = {s: {w.name: [] for w in workloads} for s in SERVERS}
             result["load_avg_by_round"] = []
             for r in range(rounds):
+                bandwidths.append(read_bandwidth(threads))
                 start_load = os.getloadavg()[0]
                 for work in round_order(workloads, r):
                     for server in (SERVERS if r % 2 == 0 else SERVERS[::-1]):
@@ -191,5 +193,8 @@ def run(*, dtype: str = "fp32", rounds: int = 3, seconds: float = 20.0, max_new_
                 proc.terminate()
             for proc in procs:
                 proc.wait(timeout=60)
+    result["read_gb_s_by_round"] = [round(b / 1e9, 2) for b in bandwidths]  # the first: before the servers
+    result["read_gb_s"] = round(max(bandwidths) / 1e9, 2)
+    result["membound_tok_s"] = round(max(bandwidths) / (layout.parameters * weight_size), 2)
     result.update(summarize(samples))
     return result

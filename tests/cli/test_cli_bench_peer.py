@@ -155,7 +155,8 @@ def test_the_json_has_every_server_and_workload_and_the_rounds_interleave(monkey
     monkeypatch.setattr(peer, "requantize", lambda quantize, source, target, kind: target)
     monkeypatch.setattr(peer, "tool_beside", lambda binary, name: binary)
     monkeypatch.setattr(peer, "write_random_loras", lambda directory, layout, count, rank: [tmp_path] * count)
-    monkeypatch.setattr(peer, "read_bandwidth", lambda threads: 10e9)
+    speeds = iter([8e9, 10e9, 9e9])  # before the servers, then before each round: the fastest counts
+    monkeypatch.setattr(peer, "read_bandwidth", lambda threads: next(speeds))
     monkeypatch.setattr(peer, "start_llama_server", lambda *args: _Proc())
     monkeypatch.setattr(peer, "drain", lambda proc: None)
     monkeypatch.setattr(peer, "warm_up", lambda *args: None)
@@ -170,6 +171,7 @@ def test_the_json_has_every_server_and_workload_and_the_rounds_interleave(monkey
             assert result[f"{s}_{w}_tok_s"] > 0
     assert result["dtype"] == "fp32" and result["rounds"] == 2 and result["llama_gguf_type"] == "F32"
     assert result["membound_tok_s"] == round(10e9 / result["weight_bytes"], 2)
+    assert result["read_gb_s"] == 10.0 and result["read_gb_s_by_round"] == [8.0, 10.0, 9.0]
     assert result["shira_vs_llama_base"] == 0.8 and result["shira_vs_llama_one_by_round"] == [0.8, 0.8]
     assert len(result["load_avg_by_round"]) == 2
     # Every (workload, server) once per round; the servers swap order from one round to the next.
